@@ -1,0 +1,30 @@
+// Schemas of kdcore's native ops. The kernels register their implementations beside the code
+// that computes them (csrc/cpu, csrc/cuda); Python adds fake (meta) implementations and autograd
+// in kdcore/ops. The pure-PyTorch and Triton ops declare the same schema from Python.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+// kd_loss_<backend>(...) -> (loss, grad_student, grad_teacher)
+//   loss: [] for 'sum' / 'batchmean', [N] for 'none' (float32; float64 for float64 logits)
+//   grad_*: dLoss/dlogits for a unit upstream gradient, or an empty tensor when not requested
+#define KDCORE_KD_LOSS_SIGNATURE                                                                   \
+  "(Tensor student, Tensor teacher, Tensor? labels, Tensor? mask, Tensor? normalizer, "           \
+  "float temperature, int divergence, float mix, bool t2_scale, float kd_weight, float ce_weight, " \
+  "int ignore_index, int reduction, bool student_grad, bool teacher_grad) -> (Tensor, Tensor, Tensor)"
+
+TORCH_LIBRARY(kdcore, m) {
+  m.def("kd_loss_cpp" KDCORE_KD_LOSS_SIGNATURE);
+#ifdef KDCORE_WITH_CUDA
+  m.def("kd_loss_cuda" KDCORE_KD_LOSS_SIGNATURE);
+#endif
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "kdcore's compiled operators (schemas; CUDA kernels when built with CUDA)";
+#ifdef KDCORE_WITH_CUDA
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+  m.attr("kd_loss_signature") = KDCORE_KD_LOSS_SIGNATURE;
+}

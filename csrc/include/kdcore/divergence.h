@@ -1,0 +1,199 @@
+// The math of the divergence family (docs/math.md), written once for every kernel.
+//
+// Notation for one row of the vocabulary, at temperature T:
+//   a = student_logits / T,  b = teacher_logits / T
+//   la = a - lse(a) = log q   (student log-probabilities)
+//   lb = b - lse(b) = log p   (teacher log-probabilities)
+//
+// Every divergence d(p, q) is a sum over the vocabulary of an element term. Its gradient with
+// respect to a (and b) goes through the softmax Jacobian:
+//   dd/da_j = q_j * gq_j - q_j * Gq,   Gq = sum_k q_k * gq_k
+//   dd/db_j = p_j * gp_j - p_j * Gp,   Gp = sum_k p_k * gp_k
+// where gq = dd/dq and gp = dd/dp treat q and p as free variables. The functions below return
+// the products qgq = q * gq and pgp = p * gp, already guarded so that entries with zero
+// probability contribute exactly 0 (0 * log 0 = 0, never NaN).
+//
+// The code is generic over a math-traits type M (see ScalarMath below; the CPU kernel supplies
+// one over at::vec::Vectorized), so the CPU and CUDA kernels share these formulas and the CPU
+// tests exercise the same expressions the GPU runs.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define KDCORE_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define KDCORE_HOST_DEVICE inline
+#endif
+
+namespace kdcore {
+
+// Codes shared with kdcore/divergences.py; the Python side passes them to the ops.
+enum class Divergence : int64_t {
+  ForwardKL = 0,  // KL(p || q)
+  ReverseKL = 1,  // KL(q || p)
+  JSD = 2,        // beta KL(p || m) + (1 - beta) KL(q || m),  m = beta p + (1 - beta) q
+  SkewKL = 3,     // KL(p || alpha p + (1 - alpha) q)
+  SkewRKL = 4,    // KL(q || alpha q + (1 - alpha) p)
+  TVD = 5,        // 1/2 sum |p - q|
+};
+constexpr int64_t kNumDivergences = 6;
+
+enum class Reduction : int64_t { None = 0, Sum = 1, BatchMean = 2 };
+
+// Scalar math traits, usable on host and device.
+template <typename T>
+struct ScalarMath {
+  using V = T;
+  static KDCORE_HOST_DEVICE V splat(T x) { return x; }
+  static KDCORE_HOST_DEVICE V exp(V x) { return ::exp(x); }
+  static KDCORE_HOST_DEVICE V log(V x) { return ::log(x); }
+  static KDCORE_HOST_DEVICE V abs(V x) { return ::fabs(x); }
+  // select(gt(a, b), x, y) == (a > b ? x : y); the unselected value may be NaN or inf.
+  static KDCORE_HOST_DEVICE bool gt(V a, V b) { return a > b; }
+  static KDCORE_HOST_DEVICE V select(bool mask, V x, V y) { return mask ? x : y; }
+};
+
+// Per-launch constants of a divergence, broadcast to the math type once per row block.
+template <typename V>
+struct DivergenceConstants {
+  V zero, half, one;
+  V mix;         // jsd: beta; skew_kl / skew_rkl: alpha; unused otherwise
+  V one_minus_mix;
+};
+
+template <class M, typename T>
+KDCORE_HOST_DEVICE DivergenceConstants<typename M::V> make_constants(T mix) {
+  return {M::splat(T(0)), M::splat(T(0.5)), M::splat(T(1)), M::splat(mix), M::splat(T(1) - mix)};
+}
+
+template <typename V>
+struct ElementTerms {
+  V term;  // contribution to d
+  V qgq;   // q * dd/dq
+  V pgp;   // p * dd/dp
+};
+
+// x > 0 ? x * y : 0 -- the guarded product that makes 0 * log 0 and 0 * (-inf) vanish.
+template <class M, typename V>
+KDCORE_HOST_DEVICE V guarded_mul(V x, V y, const DivergenceConstants<V>& c) {
+  return M::select(M::gt(x, c.zero), x * y, c.zero);
+}
+
+template <Divergence D>
+struct DivergenceTraits;
+
+template <>
+struct DivergenceTraits<Divergence::ForwardKL> {
+  // d, Gq and Gp follow from the first pass's online sums (see kl_cross_term).
+  static constexpr bool kNeedsRowSums = false;
+  template <class M, typename V>
+  static KDCORE_HOST_DEVICE ElementTerms<V> terms(V la, V lb, V q, V p, const DivergenceConstants<V>& c) {
+    (void)q;
+    const V term = guarded_mul<M>(p, lb - la, c);
+    return {term, c.zero - p, term};  // Gq = -1, Gp = d
+  }
+};
+
+template <>
+struct DivergenceTraits<Divergence::ReverseKL> {
+  static constexpr bool kNeedsRowSums = false;
+  template <class M, typename V>
+  static KDCORE_HOST_DEVICE ElementTerms<V> terms(V la, V lb, V q, V p, const DivergenceConstants<V>& c) {
+    (void)p;
+    const V term = guarded_mul<M>(q, la - lb, c);
+    return {term, term, c.zero - q};  // Gq = d, Gp = -1
+  }
+};
+
+template <>
+struct DivergenceTraits<Divergence::JSD> {
+  static constexpr bool kNeedsRowSums = true;
+  template <class M, typename V>
+  static KDCORE_HOST_DEVICE ElementTerms<V> terms(V la, V lb, V q, V p, const DivergenceConstants<V>& c) {
+    // m > 0 wherever p > 0 or q > 0, so the guarded logs below are finite where they count.
+    const V lm = M::log(c.mix * p + c.one_minus_mix * q);
+    const V qgq = c.one_minus_mix * guarded_mul<M>(q, la - lm, c);
+    const V pgp = c.mix * guarded_mul<M>(p, lb - lm, c);
+    return {qgq + pgp, qgq, pgp};
+  }
+};
+
+template <>
+struct DivergenceTraits<Divergence::SkewKL> {
+  static constexpr bool kNeedsRowSums = true;
+  template <class M, typename V>
+  static KDCORE_HOST_DEVICE ElementTerms<V> terms(V la, V lb, V q, V p, const DivergenceConstants<V>& c) {
+    (void)la;
+    // r = alpha p + (1 - alpha) q; r > 0 wherever p > 0 unless alpha = 0 and q = 0, where the
+    // divergence is +inf and the term says so.
+    const V r = c.mix * p + c.one_minus_mix * q;
+    const V term = guarded_mul<M>(p, lb - M::log(r), c);
+    const V p_over_r = M::select(M::gt(p, c.zero), p / r, c.zero);
+    return {term, c.zero - c.one_minus_mix * q * p_over_r, term - c.mix * p * p_over_r};
+  }
+};
+
+template <>
+struct DivergenceTraits<Divergence::SkewRKL> {
+  static constexpr bool kNeedsRowSums = true;
+  template <class M, typename V>
+  static KDCORE_HOST_DEVICE ElementTerms<V> terms(V la, V lb, V q, V p, const DivergenceConstants<V>& c) {
+    (void)lb;
+    const V r = c.mix * q + c.one_minus_mix * p;
+    const V term = guarded_mul<M>(q, la - M::log(r), c);
+    const V q_over_r = M::select(M::gt(q, c.zero), q / r, c.zero);
+    return {term, term - c.mix * q * q_over_r, c.zero - c.one_minus_mix * p * q_over_r};
+  }
+};
+
+template <>
+struct DivergenceTraits<Divergence::TVD> {
+  static constexpr bool kNeedsRowSums = true;
+  template <class M, typename V>
+  static KDCORE_HOST_DEVICE ElementTerms<V> terms(V la, V lb, V q, V p, const DivergenceConstants<V>& c) {
+    (void)la;
+    (void)lb;
+    const V diff = p - q;
+    // sign(p - q), with sign(0) = 0 (the subgradient kdcore uses)
+    const V sign = M::select(M::gt(diff, c.zero), c.one, M::select(M::gt(c.zero, diff), c.zero - c.one, c.zero));
+    const V half_sign = c.half * sign;
+    return {c.half * M::abs(diff), c.zero - q * half_sign, p * half_sign};
+  }
+};
+
+// First-pass cross term of the KL divergences: e * (x - y) where e = exp(x - running max) > 0.
+// Summed over the row and divided by the exp-sum it gives E[x - y] under that softmax, so
+//   KL(p || q) = E_p[b - a] - lse(b) + lse(a)
+// needs no second pass. A zero-probability entry contributes 0 even where x - y is NaN.
+template <class M, typename V>
+KDCORE_HOST_DEVICE V kl_cross_term(V e, V x, V y, const DivergenceConstants<V>& c) {
+  return guarded_mul<M>(e, x - y, c);
+}
+
+// The Jacobian sums (Gq, Gp) of the KL divergences, known once d is known.
+template <typename T>
+struct JacobianSums {
+  T gq, gp;
+};
+
+template <typename T>
+KDCORE_HOST_DEVICE JacobianSums<T> kl_jacobian_sums(Divergence div, T d) {
+  return div == Divergence::ForwardKL ? JacobianSums<T>{T(-1), d} : JacobianSums<T>{d, T(-1)};
+}
+
+// Scale factors applied to the divergence and its gradient (docs/math.md, "Scaling").
+template <typename T>
+struct LossScales {
+  T kd_loss;  // multiplies d in the loss: kd_weight * (T^2 if t2_scale)
+  T kd_grad;  // multiplies dd/da in dLoss/dlogits: kd_weight * (T if t2_scale else 1/T)
+};
+
+template <typename T>
+KDCORE_HOST_DEVICE LossScales<T> loss_scales(T temperature, bool t2_scale, T kd_weight) {
+  return t2_scale ? LossScales<T>{kd_weight * temperature * temperature, kd_weight * temperature}
+                  : LossScales<T>{kd_weight, kd_weight / temperature};
+}
+
+}  // namespace kdcore

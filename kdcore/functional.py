@@ -1,0 +1,180 @@
+"""The functional API: argument validation, flattening to rows, and dispatch to a backend op."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kdcore import _checks
+from kdcore.backends import REGISTRY
+from kdcore.divergences import DIVERGENCES, REDUCTIONS, REDUCTION_NONE
+from kdcore.ops.kd_loss import loss_dtype
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """Validated scalar options of the divergence family, as the ops take them."""
+
+    divergence: int
+    mix: float
+    temperature: float
+    t2_scale: bool
+    kd_weight: float
+    ce_weight: float
+    ignore_index: int
+    reduction: int
+
+
+def loss_options(fn: str, *, divergence: str, temperature, beta, alpha, t2_scale, kd_weight, ce_weight,
+                 ignore_index, reduction: str) -> LossOptions:
+    """Checks the scalar options of kd_loss (and of everything built on it)."""
+    spec = DIVERGENCES[_checks.choice(fn, "divergence", divergence, DIVERGENCES)]
+    mix = 0.0
+    if spec.mix_param is not None:
+        value = beta if spec.mix_param == "beta" else alpha
+        mix = _checks.in_interval(fn, spec.mix_param, value, 0.0, 1.0, low_open=spec.mix_open_low, high_open=True)
+    return LossOptions(
+        divergence=spec.code,
+        mix=mix,
+        temperature=_checks.positive(fn, "temperature", temperature),
+        t2_scale=_checks.boolean(fn, "t2_scale", t2_scale),
+        kd_weight=_checks.non_negative(fn, "kd_weight", kd_weight),
+        ce_weight=_checks.non_negative(fn, "ce_weight", ce_weight),
+        ignore_index=_checks.integer(fn, "ignore_index", ignore_index),
+        reduction=REDUCTIONS[_checks.choice(fn, "reduction", reduction, REDUCTIONS)],
+    )
+
+
+def _as_rows(x: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[..., V'] -> [N, vocab] with unit stride along the vocabulary (a view whenever possible)."""
+    rows = x.reshape(-1, x.shape[-1])
+    if vocab != rows.shape[1]:
+        rows = rows[:, :vocab]
+    if vocab > 1 and rows.stride(1) != 1:
+        rows = rows.contiguous()
+    return rows
+
+
+def logits_as_rows(fn: str, student_logits, teacher_logits, vocab_size):
+    """Validates a student/teacher logits pair; returns both as [N, V] rows and the leading shape."""
+    student = _checks.logits(fn, "student_logits", student_logits)
+    teacher = _checks.logits(fn, "teacher_logits", teacher_logits)
+    _checks.same_device(fn, "student_logits", student, teacher_logits=teacher)
+    if (student.dtype == torch.float64) != (teacher.dtype == torch.float64):
+        raise TypeError(f"{fn}: float64 logits must be paired with float64 logits, got student_logits "
+                        f"{student.dtype} and teacher_logits {teacher.dtype}")
+    leading = student.shape[:-1]
+    if teacher.shape[:-1] != leading:
+        raise ValueError(f"{fn}: student_logits {tuple(student.shape)} and teacher_logits "
+                         f"{tuple(teacher.shape)} must have the same leading dimensions")
+    v_student, v_teacher = student.shape[-1], teacher.shape[-1]
+    if vocab_size is None:
+        if v_student != v_teacher:
+            raise ValueError(
+                f"{fn}: teacher_logits has vocabulary size {v_teacher} but student_logits has {v_student}; "
+                f"pass vocab_size={min(v_student, v_teacher)} to compare the shared part (the extra columns "
+                "are treated as -inf)")
+        vocab = v_student
+    else:
+        vocab = _checks.integer(fn, "vocab_size", vocab_size)
+        if not 1 <= vocab <= min(v_student, v_teacher):
+            raise ValueError(f"{fn}: vocab_size must lie in [1, {min(v_student, v_teacher)}] (the smaller "
+                             f"vocabulary), got {vocab}")
+    return _as_rows(student, vocab), _as_rows(teacher, vocab), leading
+
+
+def row_arguments(fn: str, rows: torch.Tensor, leading: torch.Size, labels, mask, normalizer, options: LossOptions):
+    """Validates labels, mask and normalizer against [N, V] rows; returns them as the ops take them."""
+    if labels is not None:
+        labels = _checks.row_tensor(fn, "labels", labels, leading, kind="int")
+    if mask is not None:
+        mask = _checks.row_tensor(fn, "mask", mask, leading, kind="bool")
+    _checks.same_device(fn, "the logits", rows, labels=labels, mask=mask)
+    if options.ce_weight > 0 and labels is None:
+        raise ValueError(f"{fn}: ce_weight={options.ce_weight} adds a cross-entropy term, which needs labels")
+    if normalizer is not None:
+        if options.reduction != REDUCTIONS["batchmean"]:
+            raise ValueError(f"{fn}: normalizer replaces the kept-row count of reduction='batchmean'; it has "
+                             f"no meaning for reduction={_reduction_name(options.reduction)!r}")
+        if isinstance(normalizer, torch.Tensor):
+            if normalizer.numel() != 1:
+                raise ValueError(f"{fn}: normalizer must be a number or a one-element tensor, got shape "
+                                 f"{tuple(normalizer.shape)}")
+            normalizer = normalizer.reshape(()).to(device=rows.device, dtype=loss_dtype(rows))
+        else:
+            normalizer = torch.tensor(_checks.positive(fn, "normalizer", normalizer), dtype=loss_dtype(rows),
+                                      device=rows.device)
+    return labels, mask, normalizer
+
+
+def _reduction_name(code: int) -> str:
+    return next(name for name, c in REDUCTIONS.items() if c == code)
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    divergence: str = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    t2_scale: bool = True,
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    mask: torch.Tensor | None = None,
+    ce_weight: float = 0.0,
+    kd_weight: float = 1.0,
+    reduction: str = "batchmean",
+    normalizer: float | torch.Tensor | None = None,
+    vocab_size: int | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Distillation loss between student and teacher logits of shape ``[..., V]``.
+
+    With teacher distribution ``p = softmax(teacher_logits / T)`` and student distribution
+    ``q = softmax(student_logits / T)`` (computed in float32, float64 for float64 input), each row
+    contributes ``d = divergence(p, q)``:
+
+    - ``"forward_kl"``: KL(p ‖ q), the classic Hinton KD loss
+    - ``"reverse_kl"``: KL(q ‖ p), mode-seeking
+    - ``"jsd"``: β·KL(p ‖ m) + (1−β)·KL(q ‖ m) with m = β·p + (1−β)·q, ``beta`` in (0, 1);
+      equals TRL's ``generalized_jsd_loss`` with ``t2_scale=False``
+    - ``"skew_kl"``: KL(p ‖ α·p + (1−α)·q), ``alpha`` in [0, 1) (DistiLLM)
+    - ``"skew_rkl"``: KL(q ‖ α·q + (1−α)·p), ``alpha`` in [0, 1)
+    - ``"tvd"``: ½·Σ|p − q|
+
+    The row loss is ``kd_weight · T² · d`` (``T²`` only when ``t2_scale``, which keeps gradient
+    size independent of T) plus ``ce_weight · CE(student_logits, labels)`` at temperature 1.
+
+    Rows are dropped where ``labels == ignore_index`` or ``mask`` is False. ``reduction``:
+    ``"batchmean"`` divides the sum over kept rows by their number (or by ``normalizer``, for
+    gradient accumulation and data parallelism), ``"sum"`` sums, ``"none"`` returns one value per
+    row (shape ``[...]``, 0 on dropped rows). With no kept row the loss and gradients are 0.
+
+    ``-inf`` logits are masked vocabulary entries; a kept row that is entirely ``-inf`` raises.
+    A NaN or ``+inf`` logit makes its row's loss and gradient NaN. Teacher and student
+    vocabularies of different sizes need ``vocab_size``: the shared first columns are compared
+    and the rest count as ``-inf``.
+
+    Gradients flow to the student, and to the teacher when it requires grad (mutual learning).
+    ``backend`` names a backend from ``kdcore.backends()``, or ``"auto"`` for the best available
+    one for the tensors' device. The loss is float32 (float64 for float64 logits).
+    """
+    fn = "kd_loss"
+    options = loss_options(fn, divergence=divergence, temperature=temperature, beta=beta, alpha=alpha,
+                           t2_scale=t2_scale, kd_weight=kd_weight, ce_weight=ce_weight,
+                           ignore_index=ignore_index, reduction=reduction)
+    student, teacher, leading = logits_as_rows(fn, student_logits, teacher_logits, vocab_size)
+    labels, mask, normalizer = row_arguments(fn, student, leading, labels, mask, normalizer, options)
+    if not isinstance(backend, str):
+        raise TypeError(f"{fn}: backend must be a backend name or 'auto', got {type(backend).__name__}")
+    op = REGISTRY.resolve("kd_loss", backend, student.device, fn)
+    grad_enabled = torch.is_grad_enabled()
+    loss, _, _ = op(
+        student, teacher, labels, mask, normalizer, options.temperature, options.divergence, options.mix,
+        options.t2_scale, options.kd_weight, options.ce_weight, options.ignore_index, options.reduction,
+        grad_enabled and student.requires_grad, grad_enabled and teacher.requires_grad,
+    )
+    return loss.reshape(leading) if options.reduction == REDUCTION_NONE else loss

@@ -1,0 +1,41 @@
+"""kdcore's custom ops (``torch.ops.kdcore.*``) and the built-in backends that expose them.
+
+Importing this package defines the Python ops, gives every op its fake implementation and
+autograd, and registers the built-in backends.
+"""
+
+from __future__ import annotations
+
+from kdcore import _ext
+from kdcore.backends import REGISTRY, Backend
+from kdcore.ops import reference
+from kdcore.ops.kd_loss import register_kd_loss_op
+
+
+def _cpp_unavailable() -> str | None:
+    return _ext.status().cpu_error
+
+
+BUILTIN_BACKENDS = (
+    Backend(
+        name="cpp",
+        devices=("cpu",),
+        priority=20,
+        ops={"kd_loss": "kdcore::kd_loss_cpp"},
+        unavailable_reason=_cpp_unavailable,
+        description="fused C++ kernel (at::vec, one pass over DRAM)",
+    ),
+    Backend(
+        name="reference",
+        devices=("*",),
+        priority=0,
+        ops={"kd_loss": reference.QUALNAME},
+        description="pure PyTorch, row-chunked; runs on any device",
+    ),
+)
+
+register_kd_loss_op(reference.QUALNAME)
+if _ext.status().core_error is None:
+    register_kd_loss_op("kdcore::kd_loss_cpp")
+for _backend in BUILTIN_BACKENDS:
+    REGISTRY.register(_backend)

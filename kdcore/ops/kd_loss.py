@@ -1,0 +1,83 @@
+"""The kd_loss op family: one schema, one fake (meta) implementation and one autograd formula,
+shared by every backend's op (``kdcore::kd_loss_<backend>``).
+
+Each op computes the loss *and* the gradients of the loss with respect to the logits in its
+forward pass, for a unit upstream gradient; backward only scales them by the upstream gradient.
+That is what lets a fused kernel read each logit once and write each gradient element once.
+In eager mode the scaling happens in place and is skipped when the upstream gradient is exactly 1
+(the usual ``loss.backward()``), so the forward's gradient buffer is the only ``[N, V]`` tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kdcore.divergences import REDUCTION_NONE
+
+# Arguments, in order; the C++ twin is KDCORE_KD_LOSS_SIGNATURE in csrc/bindings.cpp.
+KD_LOSS_SIGNATURE = (
+    "(Tensor student, Tensor teacher, Tensor? labels, Tensor? mask, Tensor? normalizer, "
+    "float temperature, int divergence, float mix, bool t2_scale, float kd_weight, float ce_weight, "
+    "int ignore_index, int reduction, bool student_grad, bool teacher_grad) -> (Tensor, Tensor, Tensor)"
+)
+_NUM_ARGS = 15
+_STUDENT_GRAD, _TEACHER_GRAD, _REDUCTION = 13, 14, 12
+
+
+def loss_dtype(logits: torch.Tensor) -> torch.dtype:
+    """The loss is float32, or float64 for float64 logits."""
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def empty_outputs(student, teacher, reduction: int, student_grad: bool, teacher_grad: bool):
+    """Allocates (loss, grad_student, grad_teacher) as every kd_loss op returns them."""
+    n, v = student.shape
+    loss = student.new_empty((n,) if reduction == REDUCTION_NONE else (), dtype=loss_dtype(student))
+    grad_student = student.new_empty((n, v) if student_grad else (0,))
+    grad_teacher = teacher.new_empty((n, v) if teacher_grad else (0,))
+    return loss, grad_student, grad_teacher
+
+
+def _fake(student, teacher, labels, mask, normalizer, temperature, divergence, mix, t2_scale, kd_weight,
+          ce_weight, ignore_index, reduction, student_grad, teacher_grad):
+    return empty_outputs(student, teacher, reduction, student_grad, teacher_grad)
+
+
+def _setup_context(ctx, inputs, output):
+    _, grad_student, grad_teacher = output
+    ctx.mark_non_differentiable(grad_student, grad_teacher)
+    ctx.save_for_backward(grad_student, grad_teacher)
+    ctx.has_grad = (inputs[_STUDENT_GRAD], inputs[_TEACHER_GRAD])
+    ctx.rowwise = inputs[_REDUCTION] == REDUCTION_NONE
+    ctx.scaled_in_place = False
+
+
+def _scaled(ctx, grad: torch.Tensor, upstream: torch.Tensor) -> torch.Tensor:
+    """grad * upstream, where upstream is 0-dim, or [N] for reduction='none'."""
+    factor = upstream.unsqueeze(1) if ctx.rowwise else upstream
+    if torch.compiler.is_compiling():
+        return grad * factor
+    if not ctx.rowwise and upstream.device.type == "cpu" and upstream.item() == 1.0:
+        return grad
+    ctx.scaled_in_place = True
+    return grad.mul_(factor)
+
+
+def _backward(ctx, grad_loss, _grad_of_grad_student, _grad_of_grad_teacher):
+    if ctx.scaled_in_place and not torch.compiler.is_compiling():
+        raise RuntimeError(
+            "kd_loss: backward through the same kd_loss twice (retain_graph=True) is not supported: "
+            "the saved gradient was scaled in place by the first backward. Call kd_loss again instead."
+        )
+    grad_student, grad_teacher = ctx.saved_tensors
+    wants_student = ctx.needs_input_grad[0] and ctx.has_grad[0]
+    wants_teacher = ctx.needs_input_grad[1] and ctx.has_grad[1]
+    out_student = _scaled(ctx, grad_student, grad_loss) if wants_student else None
+    out_teacher = _scaled(ctx, grad_teacher, grad_loss) if wants_teacher else None
+    return (out_student, out_teacher) + (None,) * (_NUM_ARGS - 2)
+
+
+def register_kd_loss_op(qualname: str) -> None:
+    """Gives a kd_loss op (already defined with KD_LOSS_SIGNATURE) its fake and autograd."""
+    torch.library.register_fake(qualname, _fake)
+    torch.library.register_autograd(qualname, _backward, setup_context=_setup_context)

@@ -1,0 +1,145 @@
+"""The ``reference`` backend: kd_loss in plain PyTorch (``kdcore::kd_loss_reference``).
+
+It runs on any device torch supports and is the readable statement of the math the fused kernels
+implement (docs/math.md; the C++/CUDA twin is csrc/include/kdcore/divergence.h). Rows are
+processed in chunks of about ``CHUNK_ELEMENTS`` logits, so its extra memory is a few chunk-sized
+float32 temporaries plus the gradients, whatever N is. It computes in float32 (float64 for
+float64 logits) and checks values it can see cheaply: all--inf kept rows and out-of-range labels
+raise, NaN / +inf logits make that row's loss and gradient NaN.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kdcore.divergences import DIVERGENCES, REDUCTIONS
+from kdcore.ops.kd_loss import KD_LOSS_SIGNATURE, empty_outputs, loss_dtype
+
+CHUNK_ELEMENTS = 1 << 20
+
+_FORWARD_KL, _REVERSE_KL, _JSD, _SKEW_KL, _SKEW_RKL, _TVD = (
+    DIVERGENCES[name].code for name in ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_rkl", "tvd")
+)
+
+
+def _guarded_mul(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x * y where x > 0, else 0 (so 0 * log 0 and 0 * inf vanish)."""
+    return torch.where(x > 0, x * y, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def element_terms(divergence: int, la, lb, q, p, mix: float):
+    """Per-element (term, q * dd/dq, p * dd/dp) of a divergence; see divergence.h for the derivation."""
+    if divergence == _FORWARD_KL:
+        term = _guarded_mul(p, lb - la)
+        return term, -p, term
+    if divergence == _REVERSE_KL:
+        term = _guarded_mul(q, la - lb)
+        return term, term, -q
+    if divergence == _JSD:
+        log_m = torch.log(mix * p + (1 - mix) * q)
+        qgq = (1 - mix) * _guarded_mul(q, la - log_m)
+        pgp = mix * _guarded_mul(p, lb - log_m)
+        return qgq + pgp, qgq, pgp
+    if divergence == _SKEW_KL:
+        r = mix * p + (1 - mix) * q
+        term = _guarded_mul(p, lb - torch.log(r))
+        p_over_r = torch.where(p > 0, p / r, torch.zeros_like(p))
+        return term, -(1 - mix) * q * p_over_r, term - mix * p * p_over_r
+    if divergence == _SKEW_RKL:
+        r = mix * q + (1 - mix) * p
+        term = _guarded_mul(q, la - torch.log(r))
+        q_over_r = torch.where(q > 0, q / r, torch.zeros_like(q))
+        return term, term - mix * q * q_over_r, -(1 - mix) * p * q_over_r
+    if divergence == _TVD:
+        diff = p - q
+        sign = torch.sign(diff)
+        return 0.5 * diff.abs(), -0.5 * q * sign, 0.5 * p * sign
+    raise ValueError(f"kd_loss_reference: unknown divergence code {divergence}")
+
+
+def _kept_rows(n, labels, mask, ignore_index, device):
+    kept = torch.ones(n, dtype=torch.bool, device=device)
+    if labels is not None:
+        kept &= labels != ignore_index
+    if mask is not None:
+        kept &= mask
+    return kept
+
+
+def _divisor(kept, normalizer, reduction, dtype):
+    if reduction != REDUCTIONS["batchmean"]:
+        return torch.ones((), dtype=dtype, device=kept.device)
+    if normalizer is not None:
+        return normalizer.to(dtype)
+    return kept.sum().to(dtype).clamp_min(1)
+
+
+def _check_values(s, t, kept, labels, ce_weight, first_row):
+    all_masked = kept & ((s == -torch.inf).all(-1) | (t == -torch.inf).all(-1))
+    if bool(all_masked.any()):
+        row = first_row + int(all_masked.nonzero()[0, 0])
+        raise ValueError(
+            f"kd_loss: row {row} of the logits is entirely -inf in the student or the teacher; every kept "
+            "row needs a finite logit (mark the row ignored with labels=ignore_index or mask=False)"
+        )
+    if ce_weight != 0:
+        out_of_range = kept & ((labels < 0) | (labels >= s.shape[1]))
+        if bool(out_of_range.any()):
+            i = int(out_of_range.nonzero()[0, 0])
+            raise ValueError(f"kd_loss: labels[{first_row + i}] = {int(labels[i])} is outside [0, {s.shape[1]})")
+
+
+def _finish_rows(grad, kept, bad, row_scale):
+    """Scales a chunk's gradient; exactly 0 on ignored rows, NaN on kept rows with NaN / +inf logits."""
+    grad = torch.where(kept.unsqueeze(1), grad * row_scale, 0.0)
+    return grad.masked_fill((bad & kept).unsqueeze(1), torch.nan)
+
+
+def kd_loss_reference(student, teacher, labels, mask, normalizer, temperature, divergence, mix, t2_scale,
+                      kd_weight, ce_weight, ignore_index, reduction, student_grad, teacher_grad):
+    if student.dim() != 2 or student.shape != teacher.shape:
+        raise ValueError(f"kd_loss_reference: expected two [N, V] logits, got {tuple(student.shape)} "
+                         f"and {tuple(teacher.shape)}")
+    n, v = student.shape
+    acc = loss_dtype(student)
+    loss, grad_student, grad_teacher = empty_outputs(student, teacher, reduction, student_grad, teacher_grad)
+    kept = _kept_rows(n, labels, mask, ignore_index, student.device)
+    divisor = _divisor(kept, normalizer, reduction, acc)
+    row_scale = 1 / divisor
+    kd_loss_scale = kd_weight * (temperature**2 if t2_scale else 1.0)
+    kd_grad_scale = kd_weight * (temperature if t2_scale else 1.0 / temperature)
+    row_loss = torch.zeros(n, dtype=acc, device=student.device)
+    chunk = max(1, CHUNK_ELEMENTS // v)
+    for start in range(0, n, chunk):
+        rows = slice(start, min(n, start + chunk))
+        s, t, k = student[rows].to(acc), teacher[rows].to(acc), kept[rows]
+        lab = labels[rows] if labels is not None else None
+        _check_values(s, t, k, lab, ce_weight, start)
+        bad = (s.isnan() | s.isposinf()).any(-1) | (t.isnan() | t.isposinf()).any(-1)
+        la = torch.log_softmax(s / temperature, dim=-1)
+        lb = torch.log_softmax(t / temperature, dim=-1)
+        q, p = la.exp(), lb.exp()
+        term, qgq, pgp = element_terms(divergence, la, lb, q, p, mix)
+        chunk_loss = kd_loss_scale * term.sum(-1)
+        if ce_weight != 0:
+            safe_labels = torch.where(k, lab, 0).unsqueeze(1)
+            chunk_loss = chunk_loss + ce_weight * (torch.logsumexp(s, -1) - s.gather(1, safe_labels).squeeze(1))
+        chunk_loss = torch.where(bad, torch.nan, chunk_loss)
+        row_loss[rows] = torch.where(k, chunk_loss, 0)
+        if student_grad:
+            g = kd_grad_scale * (qgq - q * qgq.sum(-1, keepdim=True))
+            if ce_weight != 0:
+                g = g + ce_weight * (torch.softmax(s, -1) - torch.zeros_like(s).scatter_(1, safe_labels, 1.0))
+            grad_student[rows] = _finish_rows(g, k, bad, row_scale).to(student.dtype)
+        if teacher_grad:
+            g = kd_grad_scale * (pgp - p * pgp.sum(-1, keepdim=True))
+            grad_teacher[rows] = _finish_rows(g, k, bad, row_scale).to(teacher.dtype)
+    if reduction == REDUCTIONS["none"]:
+        loss.copy_(row_loss)
+    else:
+        loss.copy_(row_loss.sum() / divisor)
+    return loss, grad_student, grad_teacher
+
+
+QUALNAME = "kdcore::kd_loss_reference"
+torch.library.custom_op(QUALNAME, kd_loss_reference, mutates_args=(), schema=KD_LOSS_SIGNATURE)
