@@ -28,33 +28,53 @@ def _guarded_mul(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def element_terms(divergence: int, la, lb, q, p, mix: float):
-    """Per-element (term, q * dd/dq, p * dd/dp) of a divergence; see divergence.h for the derivation."""
+    """Per-element (term, q*gq, p*gp, gq, gp) of a divergence, gq = dd/dq and gp = dd/dp with q and
+    p as free variables; see csrc/include/kdcore/divergence.h for the derivation."""
     if divergence == _FORWARD_KL:
-        term = _guarded_mul(p, lb - la)
-        return term, -p, term
+        gp = lb - la
+        term = _guarded_mul(p, gp)
+        return term, -p, term, None, gp
     if divergence == _REVERSE_KL:
-        term = _guarded_mul(q, la - lb)
-        return term, term, -q
+        gq = la - lb
+        term = _guarded_mul(q, gq)
+        return term, term, -q, gq, None
     if divergence == _JSD:
         log_m = torch.log(mix * p + (1 - mix) * q)
-        qgq = (1 - mix) * _guarded_mul(q, la - log_m)
-        pgp = mix * _guarded_mul(p, lb - log_m)
-        return qgq + pgp, qgq, pgp
+        gq, gp = (1 - mix) * (la - log_m), mix * (lb - log_m)
+        qgq, pgp = _guarded_mul(q, gq), _guarded_mul(p, gp)
+        return qgq + pgp, qgq, pgp, gq, gp
     if divergence == _SKEW_KL:
         r = mix * p + (1 - mix) * q
-        term = _guarded_mul(p, lb - torch.log(r))
+        log_ratio = lb - torch.log(r)
         p_over_r = torch.where(p > 0, p / r, torch.zeros_like(p))
-        return term, -(1 - mix) * q * p_over_r, term - mix * p * p_over_r
+        gq, gp = -(1 - mix) * p_over_r, log_ratio - mix * p_over_r
+        return _guarded_mul(p, log_ratio), q * gq, _guarded_mul(p, gp), gq, gp
     if divergence == _SKEW_RKL:
         r = mix * q + (1 - mix) * p
-        term = _guarded_mul(q, la - torch.log(r))
+        log_ratio = la - torch.log(r)
         q_over_r = torch.where(q > 0, q / r, torch.zeros_like(q))
-        return term, term - mix * q * q_over_r, -(1 - mix) * p * q_over_r
+        gq, gp = log_ratio - mix * q_over_r, -(1 - mix) * q_over_r
+        return _guarded_mul(q, log_ratio), _guarded_mul(q, gq), p * gp, gq, gp
     if divergence == _TVD:
         diff = p - q
-        sign = torch.sign(diff)
-        return 0.5 * diff.abs(), -0.5 * q * sign, 0.5 * p * sign
+        gp = 0.5 * torch.sign(diff)
+        return 0.5 * diff.abs(), -q * gp, p * gp, -gp, gp
     raise ValueError(f"kd_loss_reference: unknown divergence code {divergence}")
+
+
+def _softmax_grad(prob, g, g_sum):
+    """prob * (g - sum(prob * g)), the softmax Jacobian applied as torch's softmax backward does."""
+    return _guarded_mul(prob, g - g_sum.unsqueeze(1))
+
+
+def grad_wrt_student(divergence: int, q, p, gq, qgq):
+    """dd/da; forward KL has the closed form q - p (its gq = -p/q would divide by q)."""
+    return q - p if divergence == _FORWARD_KL else _softmax_grad(q, gq, qgq.sum(-1))
+
+
+def grad_wrt_teacher(divergence: int, q, p, gp, pgp):
+    """dd/db; reverse KL has the closed form p - q."""
+    return p - q if divergence == _REVERSE_KL else _softmax_grad(p, gp, pgp.sum(-1))
 
 
 def _kept_rows(n, labels, mask, ignore_index, device):
@@ -119,7 +139,7 @@ def kd_loss_reference(student, teacher, labels, mask, normalizer, temperature, d
         la = torch.log_softmax(s / temperature, dim=-1)
         lb = torch.log_softmax(t / temperature, dim=-1)
         q, p = la.exp(), lb.exp()
-        term, qgq, pgp = element_terms(divergence, la, lb, q, p, mix)
+        term, qgq, pgp, gq, gp = element_terms(divergence, la, lb, q, p, mix)
         chunk_loss = kd_loss_scale * term.sum(-1)
         if ce_weight != 0:
             safe_labels = torch.where(k, lab, 0).unsqueeze(1)
@@ -127,12 +147,12 @@ def kd_loss_reference(student, teacher, labels, mask, normalizer, temperature, d
         chunk_loss = torch.where(bad, torch.nan, chunk_loss)
         row_loss[rows] = torch.where(k, chunk_loss, 0)
         if student_grad:
-            g = kd_grad_scale * (qgq - q * qgq.sum(-1, keepdim=True))
+            g = kd_grad_scale * grad_wrt_student(divergence, q, p, gq, qgq)
             if ce_weight != 0:
                 g = g + ce_weight * (torch.softmax(s, -1) - torch.zeros_like(s).scatter_(1, safe_labels, 1.0))
             grad_student[rows] = _finish_rows(g, k, bad, row_scale).to(student.dtype)
         if teacher_grad:
-            g = kd_grad_scale * (pgp - p * pgp.sum(-1, keepdim=True))
+            g = kd_grad_scale * grad_wrt_teacher(divergence, q, p, gp, pgp)
             grad_teacher[rows] = _finish_rows(g, k, bad, row_scale).to(teacher.dtype)
     if reduction == REDUCTIONS["none"]:
         loss.copy_(row_loss)

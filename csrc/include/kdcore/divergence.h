@@ -7,11 +7,10 @@
 //
 // Every divergence d(p, q) is a sum over the vocabulary of an element term. Its gradient with
 // respect to a (and b) goes through the softmax Jacobian:
-//   dd/da_j = q_j * gq_j - q_j * Gq,   Gq = sum_k q_k * gq_k
-//   dd/db_j = p_j * gp_j - p_j * Gp,   Gp = sum_k p_k * gp_k
-// where gq = dd/dq and gp = dd/dp treat q and p as free variables. The functions below return
-// the products qgq = q * gq and pgp = p * gp, already guarded so that entries with zero
-// probability contribute exactly 0 (0 * log 0 = 0, never NaN).
+//   dd/da_j = q_j * (gq_j - Gq),   Gq = sum_k q_k * gq_k
+//   dd/db_j = p_j * (gp_j - Gp),   Gp = sum_k p_k * gp_k
+// where gq = dd/dq and gp = dd/dp treat q and p as free variables. The products are guarded so
+// that entries with zero probability contribute exactly 0 (0 * log 0 = 0, never NaN).
 //
 // The code is generic over a math-traits type M (see ScalarMath below; the CPU kernel supplies
 // one over at::vec::Vectorized), so the CPU and CUDA kernels share these formulas and the CPU
@@ -71,8 +70,10 @@ KDCORE_HOST_DEVICE DivergenceConstants<typename M::V> make_constants(T mix) {
 template <typename V>
 struct ElementTerms {
   V term;  // contribution to d
-  V qgq;   // q * dd/dq
-  V pgp;   // p * dd/dp
+  V qgq;   // q * gq, summed into Gq
+  V pgp;   // p * gp, summed into Gp
+  V gq;    // dd/dq (only meaningful where q > 0)
+  V gp;    // dd/dp (only meaningful where p > 0)
 };
 
 // x > 0 ? x * y : 0 -- the guarded product that makes 0 * log 0 and 0 * (-inf) vanish.
@@ -81,6 +82,16 @@ KDCORE_HOST_DEVICE V guarded_mul(V x, V y, const DivergenceConstants<V>& c) {
   return M::select(M::gt(x, c.zero), x * y, c.zero);
 }
 
+// The softmax Jacobian applied to a free derivative: prob * (g - G), formed as in torch's
+// softmax backward so the cancellation in g - G happens before the multiplication.
+template <class M, typename V>
+KDCORE_HOST_DEVICE V softmax_grad(V prob, V g, V g_sum, const DivergenceConstants<V>& c) {
+  return guarded_mul<M>(prob, g - g_sum, c);
+}
+
+// Each divergence supplies terms() and the gradients through the softmax Jacobian,
+//   student_grad = dd/da = q (gq - Gq),   teacher_grad = dd/db = p (gp - Gp),
+// using a closed form where the free derivative would divide by a probability.
 template <Divergence D>
 struct DivergenceTraits;
 
@@ -91,8 +102,17 @@ struct DivergenceTraits<Divergence::ForwardKL> {
   template <class M, typename V>
   static KDCORE_HOST_DEVICE ElementTerms<V> terms(V la, V lb, V q, V p, const DivergenceConstants<V>& c) {
     (void)q;
-    const V term = guarded_mul<M>(p, lb - la, c);
-    return {term, c.zero - p, term};  // Gq = -1, Gp = d
+    const V gp = lb - la;
+    const V term = guarded_mul<M>(p, gp, c);
+    return {term, c.zero - p, term, c.zero, gp};  // Gq = -1, Gp = d
+  }
+  template <class M, typename V>
+  static KDCORE_HOST_DEVICE V student_grad(const ElementTerms<V>&, V q, V p, V, const DivergenceConstants<V>&) {
+    return q - p;
+  }
+  template <class M, typename V>
+  static KDCORE_HOST_DEVICE V teacher_grad(const ElementTerms<V>& e, V, V p, V g_sum, const DivergenceConstants<V>& c) {
+    return softmax_grad<M>(p, e.gp, g_sum, c);
   }
 };
 
@@ -102,55 +122,77 @@ struct DivergenceTraits<Divergence::ReverseKL> {
   template <class M, typename V>
   static KDCORE_HOST_DEVICE ElementTerms<V> terms(V la, V lb, V q, V p, const DivergenceConstants<V>& c) {
     (void)p;
-    const V term = guarded_mul<M>(q, la - lb, c);
-    return {term, term, c.zero - q};  // Gq = d, Gp = -1
+    const V gq = la - lb;
+    const V term = guarded_mul<M>(q, gq, c);
+    return {term, term, c.zero - q, gq, c.zero};  // Gq = d, Gp = -1
+  }
+  template <class M, typename V>
+  static KDCORE_HOST_DEVICE V student_grad(const ElementTerms<V>& e, V q, V, V g_sum, const DivergenceConstants<V>& c) {
+    return softmax_grad<M>(q, e.gq, g_sum, c);
+  }
+  template <class M, typename V>
+  static KDCORE_HOST_DEVICE V teacher_grad(const ElementTerms<V>&, V q, V p, V, const DivergenceConstants<V>&) {
+    return p - q;
   }
 };
 
-template <>
-struct DivergenceTraits<Divergence::JSD> {
+// The divergences whose gradients both go through the Jacobian with row sums from pass 2.
+struct JacobianGradients {
   static constexpr bool kNeedsRowSums = true;
   template <class M, typename V>
-  static KDCORE_HOST_DEVICE ElementTerms<V> terms(V la, V lb, V q, V p, const DivergenceConstants<V>& c) {
-    // m > 0 wherever p > 0 or q > 0, so the guarded logs below are finite where they count.
-    const V lm = M::log(c.mix * p + c.one_minus_mix * q);
-    const V qgq = c.one_minus_mix * guarded_mul<M>(q, la - lm, c);
-    const V pgp = c.mix * guarded_mul<M>(p, lb - lm, c);
-    return {qgq + pgp, qgq, pgp};
+  static KDCORE_HOST_DEVICE V student_grad(const ElementTerms<V>& e, V q, V, V g_sum, const DivergenceConstants<V>& c) {
+    return softmax_grad<M>(q, e.gq, g_sum, c);
+  }
+  template <class M, typename V>
+  static KDCORE_HOST_DEVICE V teacher_grad(const ElementTerms<V>& e, V, V p, V g_sum, const DivergenceConstants<V>& c) {
+    return softmax_grad<M>(p, e.gp, g_sum, c);
   }
 };
 
 template <>
-struct DivergenceTraits<Divergence::SkewKL> {
-  static constexpr bool kNeedsRowSums = true;
+struct DivergenceTraits<Divergence::JSD> : JacobianGradients {
+  template <class M, typename V>
+  static KDCORE_HOST_DEVICE ElementTerms<V> terms(V la, V lb, V q, V p, const DivergenceConstants<V>& c) {
+    // m > 0 wherever p > 0 or q > 0, so the logs below are finite where they count.
+    const V lm = M::log(c.mix * p + c.one_minus_mix * q);
+    const V gq = c.one_minus_mix * (la - lm), gp = c.mix * (lb - lm);
+    const V qgq = guarded_mul<M>(q, gq, c), pgp = guarded_mul<M>(p, gp, c);
+    return {qgq + pgp, qgq, pgp, gq, gp};
+  }
+};
+
+template <>
+struct DivergenceTraits<Divergence::SkewKL> : JacobianGradients {
   template <class M, typename V>
   static KDCORE_HOST_DEVICE ElementTerms<V> terms(V la, V lb, V q, V p, const DivergenceConstants<V>& c) {
     (void)la;
     // r = alpha p + (1 - alpha) q; r > 0 wherever p > 0 unless alpha = 0 and q = 0, where the
     // divergence is +inf and the term says so.
     const V r = c.mix * p + c.one_minus_mix * q;
-    const V term = guarded_mul<M>(p, lb - M::log(r), c);
+    const V log_ratio = lb - M::log(r);
     const V p_over_r = M::select(M::gt(p, c.zero), p / r, c.zero);
-    return {term, c.zero - c.one_minus_mix * q * p_over_r, term - c.mix * p * p_over_r};
+    const V term = guarded_mul<M>(p, log_ratio, c);
+    const V gq = c.zero - c.one_minus_mix * p_over_r, gp = log_ratio - c.mix * p_over_r;
+    return {term, q * gq, guarded_mul<M>(p, gp, c), gq, gp};
   }
 };
 
 template <>
-struct DivergenceTraits<Divergence::SkewRKL> {
-  static constexpr bool kNeedsRowSums = true;
+struct DivergenceTraits<Divergence::SkewRKL> : JacobianGradients {
   template <class M, typename V>
   static KDCORE_HOST_DEVICE ElementTerms<V> terms(V la, V lb, V q, V p, const DivergenceConstants<V>& c) {
     (void)lb;
     const V r = c.mix * q + c.one_minus_mix * p;
-    const V term = guarded_mul<M>(q, la - M::log(r), c);
+    const V log_ratio = la - M::log(r);
     const V q_over_r = M::select(M::gt(q, c.zero), q / r, c.zero);
-    return {term, term - c.mix * q * q_over_r, c.zero - c.one_minus_mix * p * q_over_r};
+    const V term = guarded_mul<M>(q, log_ratio, c);
+    const V gq = log_ratio - c.mix * q_over_r, gp = c.zero - c.one_minus_mix * q_over_r;
+    return {term, guarded_mul<M>(q, gq, c), p * gp, gq, gp};
   }
 };
 
 template <>
-struct DivergenceTraits<Divergence::TVD> {
-  static constexpr bool kNeedsRowSums = true;
+struct DivergenceTraits<Divergence::TVD> : JacobianGradients {
   template <class M, typename V>
   static KDCORE_HOST_DEVICE ElementTerms<V> terms(V la, V lb, V q, V p, const DivergenceConstants<V>& c) {
     (void)la;
@@ -158,15 +200,17 @@ struct DivergenceTraits<Divergence::TVD> {
     const V diff = p - q;
     // sign(p - q), with sign(0) = 0 (the subgradient kdcore uses)
     const V sign = M::select(M::gt(diff, c.zero), c.one, M::select(M::gt(c.zero, diff), c.zero - c.one, c.zero));
-    const V half_sign = c.half * sign;
-    return {c.half * M::abs(diff), c.zero - q * half_sign, p * half_sign};
+    const V gp = c.half * sign, gq = c.zero - gp;
+    return {c.half * M::abs(diff), q * gq, p * gp, gq, gp};
   }
 };
 
-// First-pass cross term of the KL divergences: e * (x - y) where e = exp(x - running max) > 0.
-// Summed over the row and divided by the exp-sum it gives E[x - y] under that softmax, so
-//   KL(p || q) = E_p[b - a] - lse(b) + lse(a)
-// needs no second pass. A zero-probability entry contributes 0 even where x - y is NaN.
+// First-pass cross term of the KL divergences: e * (x - y) with x, y logits shifted by their row
+// maxima and e = exp(x) > 0. Summed over the row and divided by the exp-sum it gives
+// E[x - y] under that softmax, so with S the shifted exp-sums
+//   KL(p || q) = E_p[(b - max b) - (a - max a)] - log S_b + log S_a
+// needs no second pass, and the maxima cancel exactly however large the logits are.
+// A zero-probability entry contributes 0 even where x - y is NaN.
 template <class M, typename V>
 KDCORE_HOST_DEVICE V kl_cross_term(V e, V x, V y, const DivergenceConstants<V>& c) {
   return guarded_mul<M>(e, x - y, c);

@@ -1,0 +1,100 @@
+"""An independent statement of the loss, written from the formulas (docs/math.md) with torch
+autograd for the gradients. It shares no code with kdcore.
+
+``oracle_loss(..., compute_dtype=torch.float64)`` is the ground truth; with a lower compute dtype
+it is "PyTorch's own computation at that precision", whose error against float64 sets the
+tolerance for the kernels (they must be within 2x of it).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def _where_positive(x, value):
+    """value where x > 0, else 0 -- with the second `where` so no NaN reaches the gradient."""
+    return torch.where(x > 0, value, torch.zeros_like(value))
+
+
+def _safe_log(x):
+    return torch.log(torch.where(x > 0, x, torch.ones_like(x)))
+
+
+def _kl(p, log_p, log_r):
+    """sum p (log p - log r), 0 where p = 0 (both logs zeroed there, so 0 * inf never forms)."""
+    return (p * (_where_positive(p, log_p) - _where_positive(p, log_r))).sum(-1)
+
+
+def divergence_rows(divergence, s, t, temperature, beta, alpha):
+    log_q = F.log_softmax(s / temperature, dim=-1)
+    log_p = F.log_softmax(t / temperature, dim=-1)
+    q, p = log_q.exp(), log_p.exp()
+    if divergence == "forward_kl":
+        return _kl(p, log_p, log_q)
+    if divergence == "reverse_kl":
+        return _kl(q, log_q, log_p)
+    if divergence == "jsd":
+        log_m = _safe_log(beta * p + (1 - beta) * q)
+        return beta * _kl(p, log_p, log_m) + (1 - beta) * _kl(q, log_q, log_m)
+    if divergence == "skew_kl":
+        return _kl(p, log_p, _safe_log(alpha * p + (1 - alpha) * q))
+    if divergence == "skew_rkl":
+        return _kl(q, log_q, _safe_log(alpha * q + (1 - alpha) * p))
+    if divergence == "tvd":
+        return 0.5 * (p - q).abs().sum(-1)
+    raise AssertionError(divergence)
+
+
+def oracle_loss(student, teacher, *, divergence="forward_kl", temperature=1.0, beta=0.5, alpha=0.1,
+                t2_scale=True, labels=None, ignore_index=-100, mask=None, ce_weight=0.0, kd_weight=1.0,
+                reduction="batchmean", normalizer=None, vocab_size=None, compute_dtype=torch.float64):
+    """The loss for logits [..., V], computed in compute_dtype; differentiable w.r.t. both inputs."""
+    leading = student.shape[:-1]
+    v = vocab_size or student.shape[-1]
+    s = student.to(compute_dtype).reshape(-1, student.shape[-1])[:, :v]
+    t = teacher.to(compute_dtype).reshape(-1, teacher.shape[-1])[:, :v]
+    n = s.shape[0]
+    kept = torch.ones(n, dtype=torch.bool)
+    if labels is not None:
+        labels = labels.reshape(-1)
+        kept &= labels != ignore_index
+    if mask is not None:
+        kept &= mask.reshape(-1)
+    rows = divergence_rows(divergence, s, t, temperature, beta, alpha)
+    rows = kd_weight * (temperature**2 if t2_scale else 1.0) * rows
+    if ce_weight:
+        safe_labels = torch.where(kept, labels, torch.zeros_like(labels))
+        rows = rows + ce_weight * F.cross_entropy(s, safe_labels, reduction="none")
+    rows = torch.where(kept, rows, torch.zeros_like(rows))
+    if reduction == "none":
+        return rows.reshape(leading)
+    total = rows.sum()
+    if reduction == "sum":
+        return total
+    return total / (normalizer if normalizer is not None else max(int(kept.sum()), 1))
+
+
+def trl_generalized_jsd(student_logits, teacher_logits, beta, temperature):
+    """TRL's generalized_jsd_loss (GKD) for 0 < beta < 1, reduction='batchmean' over tokens,
+    as TRL writes it: the mixture in log space via logsumexp, then F.kl_div twice."""
+    student_log_probs = F.log_softmax(student_logits / temperature, dim=-1)
+    teacher_log_probs = F.log_softmax(teacher_logits / temperature, dim=-1)
+    beta_t = torch.tensor(beta, dtype=student_log_probs.dtype)
+    mixture_log_probs = torch.logsumexp(
+        torch.stack([student_log_probs + torch.log(1 - beta_t), teacher_log_probs + torch.log(beta_t)]), dim=0)
+    kl_teacher = F.kl_div(mixture_log_probs, teacher_log_probs, reduction="none", log_target=True)
+    kl_student = F.kl_div(mixture_log_probs, student_log_probs, reduction="none", log_target=True)
+    jsd = beta_t * kl_teacher + (1 - beta_t) * kl_student
+    return jsd.sum() / math.prod(jsd.shape[:-1])
+
+
+def oracle_with_grads(student, teacher, compute_dtype=torch.float64, **options):
+    """(loss, d loss/d student, d loss/d teacher), differentiating sum(loss) in compute_dtype."""
+    s = student.detach().to(compute_dtype).requires_grad_(True)
+    t = teacher.detach().to(compute_dtype).requires_grad_(True)
+    loss = oracle_loss(s, t, compute_dtype=compute_dtype, **options)
+    grad_s, grad_t = torch.autograd.grad(loss.sum(), (s, t), allow_unused=True)
+    return loss.detach(), grad_s, grad_t
