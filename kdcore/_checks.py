@@ -93,7 +93,8 @@ def logits(fn: str, name: str, value) -> torch.Tensor:
 def same_device(fn: str, reference_name: str, reference: torch.Tensor, **others) -> None:
     for name, value in others.items():
         if value is not None and value.device != reference.device:
-            raise ValueError(f"{fn}: {name} is on {value.device} but {reference_name} is on {reference.device}")
+            raise ValueError(f"{fn}: {name} is on {value.device}, expected {reference.device} (the device of "
+                             f"{reference_name})")
 
 
 def row_tensor(fn: str, name: str, value, leading: torch.Size, *, kind: str) -> torch.Tensor:

@@ -4,8 +4,9 @@ shared by every backend's op (``kdcore::kd_loss_<backend>``).
 Each op computes the loss *and* the gradients of the loss with respect to the logits in its
 forward pass, for a unit upstream gradient; backward only scales them by the upstream gradient.
 That is what lets a fused kernel read each logit once and write each gradient element once.
-In eager mode the scaling happens in place and is skipped when the upstream gradient is exactly 1
-(the usual ``loss.backward()``), so the forward's gradient buffer is the only ``[N, V]`` tensor.
+In eager mode, when the graph is not retained, backward hands that buffer to autograd as it is
+(when the upstream gradient is exactly 1, the usual ``loss.backward()``) or scaled in place, so it
+is the only ``[N, V]`` tensor; with ``retain_graph`` or under tracing it multiplies out of place.
 """
 
 from __future__ import annotations
@@ -46,34 +47,48 @@ def _fake(student, teacher, labels, mask, normalizer, temperature, divergence, m
 def _setup_context(ctx, inputs, output):
     _, grad_student, grad_teacher = output
     ctx.mark_non_differentiable(grad_student, grad_teacher)
-    ctx.save_for_backward(grad_student, grad_teacher)
+    # The gradient outputs never receive gradients; without this autograd would allocate and
+    # zero-fill [N, V] tensors standing for them before every backward.
+    ctx.set_materialize_grads(False)
+    # Held as plain attributes, not saved tensors: backward hands them to autograd and drops its
+    # own reference when the graph is not retained, so a leaf's .grad takes the buffer as it is.
+    ctx.grads = (grad_student, grad_teacher)
     ctx.has_grad = (inputs[_STUDENT_GRAD], inputs[_TEACHER_GRAD])
     ctx.rowwise = inputs[_REDUCTION] == REDUCTION_NONE
-    ctx.scaled_in_place = False
 
 
-def _scaled(ctx, grad: torch.Tensor, upstream: torch.Tensor) -> torch.Tensor:
-    """grad * upstream, where upstream is 0-dim, or [N] for reduction='none'."""
-    factor = upstream.unsqueeze(1) if ctx.rowwise else upstream
-    if torch.compiler.is_compiling():
-        return grad * factor
-    if not ctx.rowwise and upstream.device.type == "cpu" and upstream.item() == 1.0:
+def _graph_is_retained() -> bool:
+    """Whether this backward runs with retain_graph (then the stash must stay untouched)."""
+    query = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if query is None else bool(query())
+
+
+def _is_eager(t: torch.Tensor) -> bool:
+    """A real tensor outside any tracing (Dynamo, AOTAutograd and make_fx trace with tensor
+    subclasses), where looking at values and writing in place are safe."""
+    return type(t) is torch.Tensor and not torch.compiler.is_compiling()
+
+
+def _scaled(grad: torch.Tensor, upstream: torch.Tensor, rowwise: bool, in_place: bool) -> torch.Tensor:
+    """grad * upstream (0-dim, or [N] for reduction='none')."""
+    if in_place and not rowwise and upstream.device.type == "cpu" and upstream.item() == 1.0:
         return grad
-    ctx.scaled_in_place = True
-    return grad.mul_(factor)
+    factor = upstream.unsqueeze(1) if rowwise else upstream
+    return grad.mul_(factor) if in_place else grad * factor
 
 
 def _backward(ctx, grad_loss, _grad_of_grad_student, _grad_of_grad_teacher):
-    if ctx.scaled_in_place and not torch.compiler.is_compiling():
-        raise RuntimeError(
-            "kd_loss: backward through the same kd_loss twice (retain_graph=True) is not supported: "
-            "the saved gradient was scaled in place by the first backward. Call kd_loss again instead."
-        )
-    grad_student, grad_teacher = ctx.saved_tensors
+    if grad_loss is None:  # no gradient reached the loss (grads are not materialized as zeros)
+        return (None,) * _NUM_ARGS
+    grad_student, grad_teacher = ctx.grads
+    # In place only when nothing can read the stash again: eager, and the graph not retained.
+    in_place = _is_eager(grad_loss) and not _graph_is_retained()
+    if in_place:
+        ctx.grads = None
     wants_student = ctx.needs_input_grad[0] and ctx.has_grad[0]
     wants_teacher = ctx.needs_input_grad[1] and ctx.has_grad[1]
-    out_student = _scaled(ctx, grad_student, grad_loss) if wants_student else None
-    out_teacher = _scaled(ctx, grad_teacher, grad_loss) if wants_teacher else None
+    out_student = _scaled(grad_student, grad_loss, ctx.rowwise, in_place) if wants_student else None
+    out_teacher = _scaled(grad_teacher, grad_loss, ctx.rowwise, in_place) if wants_teacher else None
     return (out_student, out_teacher) + (None,) * (_NUM_ARGS - 2)
 
 

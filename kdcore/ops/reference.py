@@ -27,6 +27,11 @@ def _guarded_mul(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.where(x > 0, x * y, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
+def _log_ratio_to_mixture(x, y, w):
+    """log(x / (w y + (1 - w) x)) = -log1p(w (y - x) / x): exactly 0 when y = x, accurate near it."""
+    return -torch.log1p(w * (y - x) / x)
+
+
 def element_terms(divergence: int, la, lb, q, p, mix: float):
     """Per-element (term, q*gq, p*gp, gq, gp) of a divergence, gq = dd/dq and gp = dd/dp with q and
     p as free variables; see csrc/include/kdcore/divergence.h for the derivation."""
@@ -39,20 +44,20 @@ def element_terms(divergence: int, la, lb, q, p, mix: float):
         term = _guarded_mul(q, gq)
         return term, term, -q, gq, None
     if divergence == _JSD:
-        log_m = torch.log(mix * p + (1 - mix) * q)
-        gq, gp = (1 - mix) * (la - log_m), mix * (lb - log_m)
+        gq = (1 - mix) * _log_ratio_to_mixture(q, p, mix)
+        gp = mix * _log_ratio_to_mixture(p, q, 1 - mix)
         qgq, pgp = _guarded_mul(q, gq), _guarded_mul(p, gp)
         return qgq + pgp, qgq, pgp, gq, gp
     if divergence == _SKEW_KL:
-        r = mix * p + (1 - mix) * q
-        log_ratio = lb - torch.log(r)
-        p_over_r = torch.where(p > 0, p / r, torch.zeros_like(p))
+        z = (1 - mix) * (q - p) / p
+        log_ratio = -torch.log1p(z)
+        p_over_r = torch.where(p > 0, 1 / (1 + z), torch.zeros_like(p))
         gq, gp = -(1 - mix) * p_over_r, log_ratio - mix * p_over_r
         return _guarded_mul(p, log_ratio), q * gq, _guarded_mul(p, gp), gq, gp
     if divergence == _SKEW_RKL:
-        r = mix * q + (1 - mix) * p
-        log_ratio = la - torch.log(r)
-        q_over_r = torch.where(q > 0, q / r, torch.zeros_like(q))
+        z = (1 - mix) * (p - q) / q
+        log_ratio = -torch.log1p(z)
+        q_over_r = torch.where(q > 0, 1 / (1 + z), torch.zeros_like(q))
         gq, gp = log_ratio - mix * q_over_r, -(1 - mix) * q_over_r
         return _guarded_mul(q, log_ratio), _guarded_mul(q, gq), p * gp, gq, gp
     if divergence == _TVD:

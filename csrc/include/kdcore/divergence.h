@@ -48,6 +48,7 @@ struct ScalarMath {
   static KDCORE_HOST_DEVICE V splat(T x) { return x; }
   static KDCORE_HOST_DEVICE V exp(V x) { return ::exp(x); }
   static KDCORE_HOST_DEVICE V log(V x) { return ::log(x); }
+  static KDCORE_HOST_DEVICE V log1p(V x) { return ::log1p(x); }
   static KDCORE_HOST_DEVICE V abs(V x) { return ::fabs(x); }
   // select(gt(a, b), x, y) == (a > b ? x : y); the unselected value may be NaN or inf.
   static KDCORE_HOST_DEVICE bool gt(V a, V b) { return a > b; }
@@ -99,6 +100,7 @@ template <>
 struct DivergenceTraits<Divergence::ForwardKL> {
   // d, Gq and Gp follow from the first pass's online sums (see kl_cross_term).
   static constexpr bool kNeedsRowSums = false;
+  static constexpr bool kReadsLogProbs = true;  // terms() uses la and lb
   template <class M, typename V>
   static KDCORE_HOST_DEVICE ElementTerms<V> terms(V la, V lb, V q, V p, const DivergenceConstants<V>& c) {
     (void)q;
@@ -119,6 +121,7 @@ struct DivergenceTraits<Divergence::ForwardKL> {
 template <>
 struct DivergenceTraits<Divergence::ReverseKL> {
   static constexpr bool kNeedsRowSums = false;
+  static constexpr bool kReadsLogProbs = true;
   template <class M, typename V>
   static KDCORE_HOST_DEVICE ElementTerms<V> terms(V la, V lb, V q, V p, const DivergenceConstants<V>& c) {
     (void)p;
@@ -139,6 +142,7 @@ struct DivergenceTraits<Divergence::ReverseKL> {
 // The divergences whose gradients both go through the Jacobian with row sums from pass 2.
 struct JacobianGradients {
   static constexpr bool kNeedsRowSums = true;
+  static constexpr bool kReadsLogProbs = false;  // terms() need only the probabilities
   template <class M, typename V>
   static KDCORE_HOST_DEVICE V student_grad(const ElementTerms<V>& e, V q, V, V g_sum, const DivergenceConstants<V>& c) {
     return softmax_grad<M>(q, e.gq, g_sum, c);
@@ -149,13 +153,23 @@ struct JacobianGradients {
   }
 };
 
+// log(x / (w y + (1 - w) x)) = -log1p(w (y - x) / x), for x > 0: exactly 0 when y = x and
+// accurate when they are close -- the regime of a student that has learned its teacher -- where
+// log(mixture) - log(x) would cancel to an ulp of the logs.
+template <class M, typename V>
+KDCORE_HOST_DEVICE V log_ratio_to_mixture(V x, V y, V w, const DivergenceConstants<V>& c) {
+  return c.zero - M::log1p(w * (y - x) / x);
+}
+
 template <>
 struct DivergenceTraits<Divergence::JSD> : JacobianGradients {
   template <class M, typename V>
   static KDCORE_HOST_DEVICE ElementTerms<V> terms(V la, V lb, V q, V p, const DivergenceConstants<V>& c) {
-    // m > 0 wherever p > 0 or q > 0, so the logs below are finite where they count.
-    const V lm = M::log(c.mix * p + c.one_minus_mix * q);
-    const V gq = c.one_minus_mix * (la - lm), gp = c.mix * (lb - lm);
+    (void)la;
+    (void)lb;
+    // m = beta p + (1 - beta) q;  gq = (1 - beta) log(q / m),  gp = beta log(p / m)
+    const V gq = c.one_minus_mix * log_ratio_to_mixture<M>(q, p, c.mix, c);
+    const V gp = c.mix * log_ratio_to_mixture<M>(p, q, c.one_minus_mix, c);
     const V qgq = guarded_mul<M>(q, gq, c), pgp = guarded_mul<M>(p, gp, c);
     return {qgq + pgp, qgq, pgp, gq, gp};
   }
@@ -166,11 +180,12 @@ struct DivergenceTraits<Divergence::SkewKL> : JacobianGradients {
   template <class M, typename V>
   static KDCORE_HOST_DEVICE ElementTerms<V> terms(V la, V lb, V q, V p, const DivergenceConstants<V>& c) {
     (void)la;
-    // r = alpha p + (1 - alpha) q; r > 0 wherever p > 0 unless alpha = 0 and q = 0, where the
-    // divergence is +inf and the term says so.
-    const V r = c.mix * p + c.one_minus_mix * q;
-    const V log_ratio = lb - M::log(r);
-    const V p_over_r = M::select(M::gt(p, c.zero), p / r, c.zero);
+    (void)lb;
+    // r = alpha p + (1 - alpha) q;  log(p / r) = -log1p(z),  p / r = 1 / (1 + z),
+    // z = (1 - alpha)(q - p) / p. With alpha = 0 and q = 0 the divergence is +inf and says so.
+    const V z = c.one_minus_mix * (q - p) / p;
+    const V log_ratio = c.zero - M::log1p(z);
+    const V p_over_r = M::select(M::gt(p, c.zero), c.one / (c.one + z), c.zero);
     const V term = guarded_mul<M>(p, log_ratio, c);
     const V gq = c.zero - c.one_minus_mix * p_over_r, gp = log_ratio - c.mix * p_over_r;
     return {term, q * gq, guarded_mul<M>(p, gp, c), gq, gp};
@@ -181,10 +196,13 @@ template <>
 struct DivergenceTraits<Divergence::SkewRKL> : JacobianGradients {
   template <class M, typename V>
   static KDCORE_HOST_DEVICE ElementTerms<V> terms(V la, V lb, V q, V p, const DivergenceConstants<V>& c) {
+    (void)la;
     (void)lb;
-    const V r = c.mix * q + c.one_minus_mix * p;
-    const V log_ratio = la - M::log(r);
-    const V q_over_r = M::select(M::gt(q, c.zero), q / r, c.zero);
+    // r = alpha q + (1 - alpha) p;  log(q / r) = -log1p(z),  q / r = 1 / (1 + z),
+    // z = (1 - alpha)(p - q) / q.
+    const V z = c.one_minus_mix * (p - q) / q;
+    const V log_ratio = c.zero - M::log1p(z);
+    const V q_over_r = M::select(M::gt(q, c.zero), c.one / (c.one + z), c.zero);
     const V term = guarded_mul<M>(q, log_ratio, c);
     const V gq = log_ratio - c.mix * q_over_r, gp = c.zero - c.one_minus_mix * q_over_r;
     return {term, guarded_mul<M>(q, gq, c), p * gp, gq, gp};
@@ -205,11 +223,11 @@ struct DivergenceTraits<Divergence::TVD> : JacobianGradients {
   }
 };
 
-// First-pass cross term of the KL divergences: e * (x - y) with x, y logits shifted by their row
-// maxima and e = exp(x) > 0. Summed over the row and divided by the exp-sum it gives
-// E[x - y] under that softmax, so with S the shifted exp-sums
+// Cross term of the KL divergences, summed in the pass that computes the exp-sums: e * (x - y)
+// with x, y the scaled logits shifted by their row maxima and e = exp(x). Divided by the exp-sum
+// it is E[x - y] under that softmax, so with S the shifted exp-sums
 //   KL(p || q) = E_p[(b - max b) - (a - max a)] - log S_b + log S_a
-// needs no second pass, and the maxima cancel exactly however large the logits are.
+// needs no pass of its own, and the maxima cancel exactly however large the logits are.
 // A zero-probability entry contributes 0 even where x - y is NaN.
 template <class M, typename V>
 KDCORE_HOST_DEVICE V kl_cross_term(V e, V x, V y, const DivergenceConstants<V>& c) {
