@@ -1,8 +1,9 @@
 // Schemas of kdcore's native ops. The kernels register their implementations beside the code
 // that computes them (csrc/cpu, csrc/cuda); Python adds fake (meta) implementations and autograd
 // in kdcore/ops. The pure-PyTorch and Triton ops declare the same schema from Python.
-#include <torch/extension.h>
 #include <torch/library.h>
+
+#include "kdcore/python_module.h"
 
 // kd_loss_<backend>(...) -> (loss, grad_student, grad_teacher)
 //   loss: [] for 'sum' / 'batchmean', [N] for 'none' (float32; float64 for float64 logits)
@@ -19,12 +20,12 @@ TORCH_LIBRARY(kdcore, m) {
 #endif
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "kdcore's compiled operators (schemas; CUDA kernels when built with CUDA)";
 #ifdef KDCORE_WITH_CUDA
-  m.attr("with_cuda") = true;
+#define KDCORE_BUILT_WITH_CUDA 1
 #else
-  m.attr("with_cuda") = false;
+#define KDCORE_BUILT_WITH_CUDA 0
 #endif
-  m.attr("kd_loss_signature") = KDCORE_KD_LOSS_SIGNATURE;
-}
+
+KDCORE_PYTHON_MODULE("kdcore's compiled operators (schemas; CUDA kernels when built with CUDA)",
+                     PyModule_AddIntConstant(module, "with_cuda", KDCORE_BUILT_WITH_CUDA);
+                     PyModule_AddStringConstant(module, "kd_loss_signature", KDCORE_KD_LOSS_SIGNATURE))

@@ -17,11 +17,11 @@
 //
 // This file is compiled once per instruction set (default, AVX2, AVX-512) into its own Python
 // module; kdcore/_ext.py loads the best one the processor supports.
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
-#include <torch/extension.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -38,9 +38,7 @@
 
 #include "kdcore/divergence.h"
 #include "kdcore/kd_loss_host.h"
-
-#define KDCORE_STRINGIFY_(x) #x
-#define KDCORE_STRINGIFY(x) KDCORE_STRINGIFY_(x)
+#include "kdcore/python_module.h"
 
 namespace kdcore {
 namespace cpu {
@@ -668,7 +666,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_cpu(
       compute(pb, student, teacher, grad_s, grad_t);
     }
   }
-  at::Tensor loss = opt.reduction == Reduction::None ? row_loss : row_loss.sum() / divisor;
+  at::Tensor loss = opt.reduction == Reduction::None ? row_loss : row_loss.sum().div(divisor);
   return {loss, grad_s, grad_t};
 }
 
@@ -678,7 +676,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_cpu(
 
 TORCH_LIBRARY_IMPL(kdcore, CPU, m) { m.impl("kd_loss_cpp", &kdcore::cpu::kd_loss_cpu); }
 
-// The module exists so Python can import (and thereby load) this instruction-set variant.
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.attr("capability") = KDCORE_STRINGIFY(CPU_CAPABILITY);
-}
+KDCORE_PYTHON_MODULE("kdcore's CPU kernels for one instruction set",
+                     PyModule_AddStringConstant(module, "capability", KDCORE_STRINGIFY(CPU_CAPABILITY)))

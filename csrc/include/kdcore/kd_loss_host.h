@@ -3,10 +3,14 @@
 // friendlier message; these guard direct op calls), and the loss normalizer.
 #pragma once
 
-#include <ATen/ATen.h>
-#include <c10/util/Optional.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/ones.h>
 
+#include <algorithm>
+#include <cmath>
 #include <limits>
+#include <optional>
 
 #include "kdcore/divergence.h"
 
@@ -44,8 +48,8 @@ inline bool is_supported_logit_dtype(at::ScalarType t) {
 // Checks what the kernels rely on: 2-D [N, V] logits with unit column stride, one device,
 // matching shapes, [N] labels (int64) and mask (bool).
 inline void check_inputs(const char* op, const at::Tensor& student, const at::Tensor& teacher,
-                         const c10::optional<at::Tensor>& labels, const c10::optional<at::Tensor>& mask,
-                         const c10::optional<at::Tensor>& normalizer, const KdLossOptions& o) {
+                         const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& mask,
+                         const std::optional<at::Tensor>& normalizer, const KdLossOptions& o) {
   TORCH_CHECK_VALUE(student.dim() == 2 && teacher.dim() == 2, op, ": expected 2-D [N, V] logits, got student ",
                     student.sizes(), " and teacher ", teacher.sizes());
   TORCH_CHECK_VALUE(student.sizes() == teacher.sizes(), op, ": student ", student.sizes(), " and teacher ",
@@ -84,7 +88,7 @@ inline void check_inputs(const char* op, const at::Tensor& student, const at::Te
 
 // Rows that take part in the loss: label != ignore_index and mask set. Returns an undefined
 // tensor when every row is kept.
-inline at::Tensor kept_rows(const c10::optional<at::Tensor>& labels, const c10::optional<at::Tensor>& mask,
+inline at::Tensor kept_rows(const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& mask,
                             int64_t ignore_index) {
   at::Tensor kept;
   if (labels.has_value()) kept = labels->ne(ignore_index);
@@ -94,7 +98,7 @@ inline at::Tensor kept_rows(const c10::optional<at::Tensor>& labels, const c10::
 
 // The divisor of the summed loss, as a 0-dim float tensor on the logits' device: the
 // normalizer if given, else the number of kept rows (at least 1) for 'batchmean', else 1.
-inline at::Tensor loss_divisor(const at::Tensor& kept, int64_t n_rows, const c10::optional<at::Tensor>& normalizer,
+inline at::Tensor loss_divisor(const at::Tensor& kept, int64_t n_rows, const std::optional<at::Tensor>& normalizer,
                                Reduction reduction, const at::TensorOptions& opts) {
   if (reduction != Reduction::BatchMean) return at::ones({}, opts);
   if (normalizer.has_value()) return normalizer->to(opts);
