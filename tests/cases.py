@@ -106,6 +106,24 @@ def _near_one_hot(gen):
     return s, t, {}
 
 
+def _rising(step):
+    """Logits that grow along the vocabulary, so every tile of a kernel that sweeps the row raises
+    the running maximum: by ~34 per 1024 columns (carried) or ~100 (more than any sane lead)."""
+    def build(gen):
+        ramp = torch.arange(3000, dtype=torch.float32) * step
+        return ramp + _randn(gen, 3, 3000), ramp.flip(0) + _randn(gen, 3, 3000), {}
+    return build
+
+
+def _masked_prefix(gen):
+    """The first tiles are entirely -inf in both rows (a kernel has no maximum yet when it reaches
+    the finite part)."""
+    s, t = _randn(gen, 4, 2500), _randn(gen, 4, 2500)
+    s[:, :1500] = -torch.inf
+    t[:, :1500] = -torch.inf
+    return s, t, {}
+
+
 def _identical(gen):
     s = _randn(gen, 4, 90)
     return s, s.clone(), {}
@@ -131,6 +149,9 @@ CASES = [
     Case("normalizer", _pair(6, 100), options={"normalizer": 11.0}),
     Case("near_one_hot_teacher", _near_one_hot, options={"temperature": 1.0, "beta": 0.9, "alpha": 0.5}),
     Case("identical", _identical, teacher_grad=True, options={"temperature": 2.0}),
+    Case("rising_logits_small_steps", _rising(1 / 30), teacher_grad=True, options={"temperature": 1.0}),
+    Case("rising_logits_large_steps", _rising(0.1), teacher_grad=True, options={"temperature": 0.5}),
+    Case("masked_prefix", _masked_prefix, teacher_grad=True, options={"temperature": 2.0}),
 ]
 
 DTYPE_CASES = [c for c in CASES if c.name in {"basic", "multi_tile", "labels_ce", "neg_inf_padding",

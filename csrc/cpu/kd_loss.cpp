@@ -4,9 +4,9 @@
 // kTile elements, converted to the accumulation type (float; double for float64 input) and padded
 // with -inf, so every vector loop runs over whole at::vec::Vectorized registers.
 //
-//   P0  row maxima of both logits (and a NaN / +inf check);
-//   P1  e = exp(x - max) of both rows into a per-thread stash, their sums, and the KL cross term,
-//       which gives forward and reverse KL their d with no further pass;
+//   P1  one sweep for the softmax statistics of both rows (online: running maxima, rescaled
+//       sums), e = exp(x - shift) into a per-thread stash, a NaN / +inf check, and the KL cross
+//       term, which gives forward and reverse KL their d with no further pass;
 //   P2  jsd / skew_kl / skew_rkl / tvd only: d and the Jacobian row sums Gq, Gp, from the stash,
 //       and the free derivatives gq, gp into a second stash (their logs are taken once);
 //   P3  the gradients, from the stashes (q = e_s / S_s, p = e_t / S_t), written once in the
@@ -135,8 +135,9 @@ struct VecMath {
     }
   }
   static V abs(const V& x) { return x.abs(); }
+  static V max(const V& a, const V& b) { return at::vec::maximum(a, b); }
   static V gt(const V& a, const V& b) { return a > b; }
-  static V select(const V& mask, const V& x, const V& y) { return V::blendv(y, x, mask); }
+  static V keep(const V& mask, const V& x) { return mask & x; }  // masks are all-ones or all-zeros lanes
 };
 
 template <typename acc_t>
@@ -285,13 +286,20 @@ struct Scratch {
       : exp_student(padded<acc_t>(vocab)),
         exp_teacher(padded<acc_t>(vocab)),
         dd_dq(with_derivatives ? padded<acc_t>(vocab) : 0),
-        dd_dp(with_derivatives ? padded<acc_t>(vocab) : 0) {}
+        dd_dp(with_derivatives ? padded<acc_t>(vocab) : 0),
+        shift_student(tiles(vocab)),
+        shift_teacher(tiles(vocab)),
+        factor_student(tiles(vocab)),
+        factor_teacher(tiles(vocab)) {}
+  static int64_t tiles(int64_t vocab) { return (vocab + kTile - 1) / kTile; }
   alignas(64) acc_t student[kTile];
   alignas(64) acc_t teacher[kTile];
   alignas(64) acc_t grad_student[kTile];
   alignas(64) acc_t grad_teacher[kTile];
-  std::vector<acc_t> exp_student, exp_teacher;  // exp(x - row max), written by P1
-  std::vector<acc_t> dd_dq, dd_dp;              // the free derivatives gq, gp, written by P2
+  std::vector<acc_t> exp_student, exp_teacher;        // exp(x - running max), written by P1
+  std::vector<acc_t> dd_dq, dd_dp;                    // the free derivatives gq, gp, written by P2
+  std::vector<acc_t> shift_student, shift_teacher;    // per tile: the running max its exps used
+  std::vector<acc_t> factor_student, factor_teacher;  // per tile: exp(shift - max) / S
 };
 
 template <typename acc_t>
@@ -299,14 +307,16 @@ acc_t hsum(const Vec<acc_t>& v) {
   return at::vec::vec_reduce_all<acc_t>([](Vec<acc_t>& x, Vec<acc_t>& y) { return x + y; }, v);
 }
 
+// A plain (one-instruction) maximum that may drop NaN: NaN and +inf logits are caught from the
+// exp-sums instead (a NaN logit gives a NaN exp; a +inf one makes inf - inf in its exp).
 template <typename acc_t>
-acc_t hmax(const Vec<acc_t>& v) {  // NaN-propagating
-  return at::vec::vec_reduce_all<acc_t>([](Vec<acc_t>& x, Vec<acc_t>& y) { return at::vec::maximum(x, y); }, v);
+Vec<acc_t> vmax(const Vec<acc_t>& a, const Vec<acc_t>& b) {
+  return at::vec::clamp_min(a, b);
 }
 
 template <typename acc_t>
-bool is_nan_or_posinf(acc_t x) {
-  return std::isnan(x) || x == std::numeric_limits<acc_t>::infinity();
+acc_t hmax(const Vec<acc_t>& v) {
+  return at::vec::vec_reduce_all<acc_t>([](Vec<acc_t>& x, Vec<acc_t>& y) { return vmax(x, y); }, v);
 }
 
 // Softmax statistics of one row pair. Each log-sum-exp is kept as (exact row maximum, log of the
@@ -316,7 +326,6 @@ template <typename acc_t>
 struct RowStats {
   acc_t max_a = 0, max_b = 0, max_1 = 0;   // maxima of a = s/T, b = t/T and s
   double log_sum_a = 0, log_sum_b = 0, log_sum_1 = 0;
-  acc_t inv_sum_a = 0, inv_sum_b = 0;      // 1 / sum exp(x - max): q = e_s * inv_sum_a
   double d = 0;                            // the divergence of the row
   bool bad = false;                        // a NaN or +inf logit: the row's loss and gradient are NaN
   bool all_masked = false;                 // one of the rows is entirely -inf
@@ -369,7 +378,7 @@ class RowKernel {
       pb_.report(row, RowError::LabelOutOfRange);
       return;
     }
-    RowStats<acc_t> st = maxima(row, scratch);
+    RowStats<acc_t> st = statistics(row, scratch);
     if (st.all_masked) {
       pb_.report(row, RowError::AllMasked);
       return;
@@ -379,7 +388,6 @@ class RowKernel {
       fill_gradients(row, std::numeric_limits<acc_t>::quiet_NaN());
       return;
     }
-    exponentials(row, scratch, st);
     JacobianSums<double> sums = kl_jacobian_sums(D, st.d);
     if constexpr (Traits::kNeedsRowSums) sums = row_sums(row, scratch, st);
     const LossScales<double> scales = loss_scales(o.temperature, o.t2_scale, o.kd_weight);
@@ -405,83 +413,153 @@ class RowKernel {
     }
   }
 
-  // P0: row maxima, and the checks that need them.
-  RowStats<acc_t> maxima(int64_t row, Scratch<acc_t>& scratch) {
-    V vmax_s(-kInf), vmax_t(-kInf);
-    for_each_tile(row, scratch, true, [&](int64_t, int64_t, int64_t nv, const acc_t* s, const acc_t* t) {
-      for (int64_t j = 0; j < nv; j += V::size()) {
-        vmax_s = at::vec::maximum(vmax_s, V::loadu(s + j));
-        vmax_t = at::vec::maximum(vmax_t, V::loadu(t + j));
+  // Softmax statistics accumulated while P1 sweeps a row, relative to running maxima.
+  struct Running {
+    acc_t max_s = -std::numeric_limits<acc_t>::infinity();  // raw logit maxima behind the shifts
+    acc_t max_t = -std::numeric_limits<acc_t>::infinity();
+    double sum_a = 0, sum_b = 0, sum_1 = 0;  // exp-sums of a = s/T, b = t/T and s
+    double cross = 0;                        // KL cross term (kl_cross_term in divergence.h)
+  };
+
+  // The shift (in units of a = s/T) that exps use for a running maximum; 0 while the row is all
+  // -inf so far, which keeps exp(-inf - shift) = 0.
+  acc_t shift_of(acc_t max) const { return max == -kInf ? acc_t(0) : max * inv_t_; }
+
+  // Raises the running maxima to at least (to_s, to_t): the sums are rescaled and the cross term
+  // corrected exactly. With C = sum e_b (x_b - x_a), moving the shifts by (delta_a, delta_b) gives
+  // C' = exp(-delta_b) (C - (delta_b - delta_a) S_b), mirrored for reverse KL. A sum still at
+  // -inf has nothing to move (delta 0).
+  void raise_maxima(Running& r, acc_t to_s, acc_t to_t) const {
+    const acc_t new_s = std::max(r.max_s, to_s), new_t = std::max(r.max_t, to_t);
+    if (new_s == r.max_s && new_t == r.max_t) return;
+    const double delta_a = r.max_s == -kInf ? 0.0 : double(new_s * inv_t_) - double(r.max_s * inv_t_);
+    const double delta_b = r.max_t == -kInf ? 0.0 : double(new_t * inv_t_) - double(r.max_t * inv_t_);
+    const double delta_1 = r.max_s == -kInf ? 0.0 : double(new_s) - double(r.max_s);
+    if constexpr (D == Divergence::ForwardKL) r.cross = (r.cross - (delta_b - delta_a) * r.sum_b) * std::exp(-delta_b);
+    if constexpr (D == Divergence::ReverseKL) r.cross = (r.cross - (delta_a - delta_b) * r.sum_a) * std::exp(-delta_a);
+    r.sum_a *= std::exp(-delta_a);
+    r.sum_b *= std::exp(-delta_b);
+    r.sum_1 *= std::exp(-delta_1);
+    r.max_s = new_s;
+    r.max_t = new_t;
+  }
+
+  struct TileSums {
+    V sum_a{0}, sum_b{0}, cross{0}, max_s{-kInf}, max_t{-kInf};
+  };
+
+  // exp(x - shift) of one tile of both rows into the stash, their sums and cross term, and (free
+  // here) the tile's maxima. Arguments above the shift are fine up to kMaxLead.
+  TileSums tile_exponentials(const acc_t* s, const acc_t* t, int64_t nv, acc_t shift_a, acc_t shift_b, acc_t* exp_s,
+                             acc_t* exp_t) const {
+    const V inv_t(inv_t_), vshift_a(shift_a), vshift_b(shift_b);
+    TileSums ts;
+    for (int64_t j = 0; j < nv; j += V::size()) {
+      const V sv = V::loadu(s + j), tv = V::loadu(t + j);
+      ts.max_s = vmax(ts.max_s, sv);
+      ts.max_t = vmax(ts.max_t, tv);
+      const V xa = sv * inv_t - vshift_a, xb = tv * inv_t - vshift_b;
+      const V ea = M::exp(xa), eb = M::exp(xb);
+      ea.store(exp_s + j);
+      eb.store(exp_t + j);
+      ts.sum_a += ea;
+      ts.sum_b += eb;
+      if constexpr (D == Divergence::ForwardKL) ts.cross += kl_cross_term<M>(eb, xb, xa, c_);
+      if constexpr (D == Divergence::ReverseKL) ts.cross += kl_cross_term<M>(ea, xa, xb, c_);
+    }
+    return ts;
+  }
+
+  // How far above its shift a tile's maximum may lie and still be exponentiated against it
+  // (e^64 ~ 6e27 stays far from float overflow, even summed over a tile).
+  static constexpr acc_t kMaxLead = 64;
+
+  // P1: one sweep over the row for the softmax statistics of both rows. Each tile's exps use the
+  // running maxima of the tiles before it as shifts and find the tile's own maxima on the way;
+  // the stash keeps each tile relative to the shift it used, and per-tile factors
+  // exp(shift - final max) / S later turn it into probabilities. Only the first tile (or one that
+  // jumps more than kMaxLead above the running maximum, which it then redoes) needs a separate
+  // max pass. Reading and computing in one sweep lets DRAM streaming overlap the exponentials.
+  RowStats<acc_t> statistics(int64_t row, Scratch<acc_t>& scratch) {
+    Running r;
+    int64_t tile = 0;
+    for (int64_t start = 0; start < pb_.vocab; start += kTile, ++tile) {
+      const int64_t n = std::min(kTile, pb_.vocab - start), nv = padded<acc_t>(n);
+      const acc_t* s = pb_.student.load(pb_.student.at(row, start), n, scratch.student);
+      const acc_t* t = pb_.teacher.load(pb_.teacher.at(row, start), n, scratch.teacher);
+      acc_t* exp_s = scratch.exp_student.data() + start;
+      acc_t* exp_t = scratch.exp_teacher.data() + start;
+      if (r.max_s == -kInf || r.max_t == -kInf) {  // no shift yet: this tile's maxima first
+        V vmax_s(-kInf), vmax_t(-kInf);
+        for (int64_t j = 0; j < nv; j += V::size()) {
+          vmax_s = vmax(vmax_s, V::loadu(s + j));
+          vmax_t = vmax(vmax_t, V::loadu(t + j));
+        }
+        raise_maxima(r, hmax(vmax_s), hmax(vmax_t));
       }
-    });
+      TileSums ts = tile_exponentials(s, t, nv, shift_of(r.max_s), shift_of(r.max_t), exp_s, exp_t);
+      const acc_t tile_max_s = hmax(ts.max_s), tile_max_t = hmax(ts.max_t);
+      if (tile_max_s * inv_t_ - shift_of(r.max_s) > kMaxLead || tile_max_t * inv_t_ - shift_of(r.max_t) > kMaxLead) {
+        raise_maxima(r, tile_max_s, tile_max_t);  // too far above the shift: move it, then redo
+        ts = tile_exponentials(s, t, nv, shift_of(r.max_s), shift_of(r.max_t), exp_s, exp_t);
+      }
+      scratch.shift_student[tile] = r.max_s == -kInf ? -kInf : shift_of(r.max_s);
+      scratch.shift_teacher[tile] = r.max_t == -kInf ? -kInf : shift_of(r.max_t);
+      // fold the tile's lanes into double row sums: short float partial sums stay accurate
+      r.sum_a += hsum(ts.sum_a);
+      r.sum_b += hsum(ts.sum_b);
+      r.cross += hsum(ts.cross);
+      raise_maxima(r, tile_max_s, tile_max_t);
+      if (separate_ce_) {  // the fused CE at T != 1 needs the exp-sum of s itself
+        const V shift_1(r.max_s == -kInf ? acc_t(0) : r.max_s);
+        V acc_1(0);
+        for (int64_t j = 0; j < nv; j += V::size()) acc_1 += M::exp(V::loadu(s + j) - shift_1);
+        r.sum_1 += hsum(acc_1);
+      }
+    }
+    return finish_statistics(r, scratch, tile);
+  }
+
+  RowStats<acc_t> finish_statistics(const Running& r, Scratch<acc_t>& scratch, int64_t tiles) const {
     RowStats<acc_t> st;
-    const acc_t max_s = hmax(vmax_s), max_t = hmax(vmax_t);
-    st.bad = is_nan_or_posinf(max_s) || is_nan_or_posinf(max_t);
-    st.all_masked = !st.bad && (max_s == -kInf || max_t == -kInf);
-    st.max_a = max_s * inv_t_;  // the float products the shifts below use
-    st.max_b = max_t * inv_t_;
-    st.max_1 = separate_ce_ ? max_s : st.max_a;
+    // A NaN or +inf logit leaves a NaN in its row's exp-sum (a NaN exp, or inf - inf).
+    st.bad = std::isnan(r.sum_a) || std::isnan(r.sum_b) || std::isnan(r.sum_1);
+    st.all_masked = !st.bad && (r.max_s == -kInf || r.max_t == -kInf);
+    if (st.bad || st.all_masked) return st;
+    st.max_a = r.max_s * inv_t_;
+    st.max_b = r.max_t * inv_t_;
+    st.max_1 = separate_ce_ ? r.max_s : st.max_a;
+    st.log_sum_a = std::log(r.sum_a);
+    st.log_sum_b = std::log(r.sum_b);
+    st.log_sum_1 = separate_ce_ ? std::log(r.sum_1) : st.log_sum_a;
+    for (int64_t i = 0; i < tiles; ++i) {
+      scratch.factor_student[i] = static_cast<acc_t>(std::exp(double(scratch.shift_student[i]) - st.max_a) / r.sum_a);
+      scratch.factor_teacher[i] = static_cast<acc_t>(std::exp(double(scratch.shift_teacher[i]) - st.max_b) / r.sum_b);
+    }
+    if constexpr (D == Divergence::ForwardKL) st.d = r.cross / r.sum_b - st.log_sum_b + st.log_sum_a;
+    if constexpr (D == Divergence::ReverseKL) st.d = r.cross / r.sum_a - st.log_sum_a + st.log_sum_b;
     return st;
-  }
-
-  // P1: the exp stash, the sums, and the KL cross term (kl_cross_term in divergence.h).
-  void exponentials(int64_t row, Scratch<acc_t>& scratch, RowStats<acc_t>& st) {
-    const V inv_t(inv_t_), shift_a(st.max_a), shift_b(st.max_b), shift_1(st.max_1);
-    V acc_a(0), acc_b(0), acc_1(0), acc_cross(0);
-    double sum_a = 0, sum_b = 0, sum_1 = 0, cross = 0;
-    acc_t* exp_s = scratch.exp_student.data();
-    acc_t* exp_t = scratch.exp_teacher.data();
-    for_each_tile(row, scratch, true, [&](int64_t start, int64_t, int64_t nv, const acc_t* s, const acc_t* t) {
-      for (int64_t j = 0; j < nv; j += V::size()) {
-        const V sv = V::loadu(s + j);
-        const V xa = sv * inv_t - shift_a, xb = V::loadu(t + j) * inv_t - shift_b;
-        const V ea = M::exp(xa), eb = M::exp(xb);
-        ea.store(exp_s + start + j);
-        eb.store(exp_t + start + j);
-        acc_a += ea;
-        acc_b += eb;
-        if constexpr (D == Divergence::ForwardKL) acc_cross += kl_cross_term<M>(eb, xb, xa, c_);
-        if constexpr (D == Divergence::ReverseKL) acc_cross += kl_cross_term<M>(ea, xa, xb, c_);
-        if (separate_ce_) acc_1 += M::exp(sv - shift_1);
-      }
-      // fold each tile's lanes into double row sums: short float partial sums stay accurate
-      sum_a += hsum(acc_a);
-      sum_b += hsum(acc_b);
-      sum_1 += hsum(acc_1);
-      cross += hsum(acc_cross);
-      acc_a = acc_b = acc_1 = acc_cross = V(0);
-    });
-    st.log_sum_a = std::log(sum_a);
-    st.log_sum_b = std::log(sum_b);
-    st.log_sum_1 = separate_ce_ ? std::log(sum_1) : st.log_sum_a;
-    st.inv_sum_a = static_cast<acc_t>(1.0 / sum_a);
-    st.inv_sum_b = static_cast<acc_t>(1.0 / sum_b);
-    if constexpr (D == Divergence::ForwardKL) st.d = cross / sum_b - st.log_sum_b + st.log_sum_a;
-    if constexpr (D == Divergence::ReverseKL) st.d = cross / sum_a - st.log_sum_a + st.log_sum_b;
-  }
-
-  // Probabilities of one vector, from the exp stash.
-  V student_prob(const Scratch<acc_t>& scratch, int64_t k, const V& inv_sum_a) const {
-    return V::loadu(scratch.exp_student.data() + k) * inv_sum_a;
-  }
-  V teacher_prob(const Scratch<acc_t>& scratch, int64_t k, const V& inv_sum_b) const {
-    return V::loadu(scratch.exp_teacher.data() + k) * inv_sum_b;
   }
 
   // P2 (jsd / skew_kl / skew_rkl / tvd): d, Gq = sum q*gq and Gp = sum p*gp, and gq, gp into the
   // stash for P3 -- the logs of these divergences are computed once per element.
   JacobianSums<double> row_sums(int64_t row, Scratch<acc_t>& scratch, RowStats<acc_t>& st) {
     static_assert(!Traits::kReadsLogProbs, "row sums come from probabilities alone");
-    const V inv_sum_a(st.inv_sum_a), inv_sum_b(st.inv_sum_b), zero(0);
+    const V zero(0);
     double d = 0, gq = 0, gp = 0;
     for_each_tile(row, scratch, false, [&](int64_t start, int64_t, int64_t nv, const acc_t*, const acc_t*) {
+      const int64_t i = start / kTile;
+      const V factor_a(scratch.factor_student[i]), factor_b(scratch.factor_teacher[i]);
+      const acc_t* exp_s = scratch.exp_student.data() + start;
+      const acc_t* exp_t = scratch.exp_teacher.data() + start;
+      acc_t* dd_dq = scratch.dd_dq.data() + start;
+      acc_t* dd_dp = scratch.dd_dp.data() + start;
       V acc_d(0), acc_q(0), acc_p(0);
       for (int64_t j = 0; j < nv; j += V::size()) {
-        const int64_t k = start + j;
-        const V q = student_prob(scratch, k, inv_sum_a), p = teacher_prob(scratch, k, inv_sum_b);
+        const V q = V::loadu(exp_s + j) * factor_a, p = V::loadu(exp_t + j) * factor_b;
         const ElementTerms<V> e = Traits::template terms<M>(zero, zero, q, p, c_);
-        e.gq.store(scratch.dd_dq.data() + k);
-        e.gp.store(scratch.dd_dp.data() + k);
+        e.gq.store(dd_dq + j);
+        e.gp.store(dd_dp + j);
         acc_d += e.term;
         acc_q += e.qgq;
         acc_p += e.pgp;
@@ -494,29 +572,62 @@ class RowKernel {
     return {gq, gp};
   }
 
-  // The element terms P3 needs: from the P2 stash, or (KL) computed here from the probabilities
-  // and, when a gradient reads them, the log-probabilities.
-  ElementTerms<V> terms_for_gradient(const Scratch<acc_t>& scratch, int64_t k, const acc_t* s, const acc_t* t,
-                                     int64_t j, const LogProbs<acc_t>& lp, const V& q, const V& p) const {
-    if constexpr (Traits::kNeedsRowSums) {
-      ElementTerms<V> e;
-      e.gq = V::loadu(scratch.dd_dq.data() + k);
-      e.gp = V::loadu(scratch.dd_dp.data() + k);
-      return e;
-    } else {
-      const V la = s != nullptr ? lp.student(V::loadu(s + j)) : V(0);
-      const V lb = t != nullptr ? lp.teacher(V::loadu(t + j)) : V(0);
-      return Traits::template terms<M>(la, lb, q, p, c_);
+  // Which log-probabilities a gradient reads; everything else comes from the stashes. Forward
+  // KL's student gradient q - p and reverse KL's teacher gradient p - q read none.
+  static constexpr bool kStudentGradReadsLogProbs = D == Divergence::ReverseKL;
+  static constexpr bool kTeacherGradReadsLogProbs = D == Divergence::ForwardKL;
+
+  // What P3 reads for one tile, as plain pointers so the loops below hold them in registers.
+  struct GradientTile {
+    const acc_t* exp_s;
+    const acc_t* exp_t;
+    const acc_t* dd_dq;  // P2 stash (row-sum divergences only)
+    const acc_t* dd_dp;
+    const acc_t* s;      // converted logits, when read
+    const acc_t* t;
+    V factor_a, factor_b;
+    int64_t nv;
+  };
+
+  // One side's gradient over a tile, dd/da (student) or dd/db (teacher), times scale, into out.
+  // out holds whole vectors (the output itself for whole tiles, else the padded tile buffer).
+  template <bool kStudent>
+  void side_gradient(const GradientTile& tile, const LogProbs<acc_t>& lp, const V& g_sum, const V& scale,
+                     acc_t* out) const {
+    constexpr bool kLogProbs = kStudent ? kStudentGradReadsLogProbs : kTeacherGradReadsLogProbs;
+    for (int64_t j = 0; j < tile.nv; j += V::size()) {
+      const V q = V::loadu(tile.exp_s + j) * tile.factor_a, p = V::loadu(tile.exp_t + j) * tile.factor_b;
+      ElementTerms<V> e{};
+      if constexpr (Traits::kNeedsRowSums) {
+        if constexpr (kStudent) {
+          e.gq = V::loadu(tile.dd_dq + j);
+        } else {
+          e.gp = V::loadu(tile.dd_dp + j);
+        }
+      } else if constexpr (kLogProbs) {
+        e = Traits::template terms<M>(lp.student(V::loadu(tile.s + j)), lp.teacher(V::loadu(tile.t + j)), q, p, c_);
+      }
+      V g;
+      if constexpr (kStudent) {
+        g = Traits::template student_grad<M>(e, q, p, g_sum, c_);
+      } else {
+        g = Traits::template teacher_grad<M>(e, q, p, g_sum, c_);
+      }
+      (g * scale).store(out + j);
     }
   }
 
-  // Whether P3 reads the logits: for the fused CE at T != 1, and for the KL gradients that are not
-  // the closed forms q - p (forward KL, student) and p - q (reverse KL, teacher).
-  bool gradients_read_logits() const {
-    const KdLossOptions& o = pb_.opt;
-    if constexpr (D == Divergence::ForwardKL) return o.teacher_grad || separate_ce_;
-    if constexpr (D == Divergence::ReverseKL) return o.student_grad || separate_ce_;
-    return separate_ce_;
+  // Adds ce_scale * softmax(s) at temperature 1 to a student gradient tile.
+  void add_softmax(const GradientTile& tile, const LogProbs<acc_t>& lp, const V& ce_scale, acc_t* out) const {
+    if (separate_ce_) {
+      for (int64_t j = 0; j < tile.nv; j += V::size()) {
+        (V::loadu(out + j) + ce_scale * M::exp(lp.student_t1(V::loadu(tile.s + j)))).store(out + j);
+      }
+    } else {  // T = 1: softmax(s) is q
+      for (int64_t j = 0; j < tile.nv; j += V::size()) {
+        (V::loadu(out + j) + ce_scale * (V::loadu(tile.exp_s + j) * tile.factor_a)).store(out + j);
+      }
+    }
   }
 
   // P3: dLoss/ds = kd_grad * q (gq - Gq) + ce_weight * (softmax(s) - onehot), and
@@ -525,34 +636,38 @@ class RowKernel {
                  const LossScales<double>& scales, int64_t label) {
     const KdLossOptions& o = pb_.opt;
     const bool fused_ce = o.ce_weight != 0.0;
+    const bool read_logits = separate_ce_ || (o.student_grad && kStudentGradReadsLogProbs) ||
+                             (o.teacher_grad && kTeacherGradReadsLogProbs);
     const LogProbs<acc_t> lp(st, inv_t_);
-    const V inv_sum_a(st.inv_sum_a), inv_sum_b(st.inv_sum_b);
     const V g_q(static_cast<acc_t>(sums.gq)), g_p(static_cast<acc_t>(sums.gp));
     const V kd_scale(static_cast<acc_t>(scales.kd_grad * pb_.row_scale));
-    const acc_t ce_scale_s = static_cast<acc_t>(o.ce_weight * pb_.row_scale);
-    const V ce_scale(ce_scale_s);
-    for_each_tile(row, scratch, gradients_read_logits(),
-                  [&](int64_t start, int64_t n, int64_t nv, const acc_t* s, const acc_t* t) {
-      acc_t* gs = o.student_grad ? pb_.grad_student.target(pb_.grad_student.at(row, start), n, scratch.grad_student)
-                                 : nullptr;
-      acc_t* gt = o.teacher_grad ? pb_.grad_teacher.target(pb_.grad_teacher.at(row, start), n, scratch.grad_teacher)
-                                 : nullptr;
-      for (int64_t j = 0; j < nv; j += V::size()) {
-        const int64_t k = start + j, count = std::min<int64_t>(V::size(), n - j);
-        const V q = student_prob(scratch, k, inv_sum_a), p = teacher_prob(scratch, k, inv_sum_b);
-        const ElementTerms<V> e = terms_for_gradient(scratch, k, s, t, j, lp, q, p);
-        if (gs != nullptr) {
-          V g = Traits::template student_grad<M>(e, q, p, g_q, c_) * kd_scale;
-          if (fused_ce) g += ce_scale * (separate_ce_ ? M::exp(lp.student_t1(V::loadu(s + j))) : q);
-          g.store(gs + j, count);
+    const acc_t ce_scale = static_cast<acc_t>(o.ce_weight * pb_.row_scale);
+    const bool stashed_derivatives = !scratch.dd_dq.empty();
+    for_each_tile(row, scratch, read_logits, [&](int64_t start, int64_t n, int64_t nv, const acc_t* s, const acc_t* t) {
+      const int64_t i = start / kTile;
+      const GradientTile tile{scratch.exp_student.data() + start,
+                              scratch.exp_teacher.data() + start,
+                              stashed_derivatives ? scratch.dd_dq.data() + start : nullptr,
+                              stashed_derivatives ? scratch.dd_dp.data() + start : nullptr,
+                              s,
+                              t,
+                              V(scratch.factor_student[i]),
+                              V(scratch.factor_teacher[i]),
+                              nv};
+      if (o.student_grad) {
+        acc_t* gs = pb_.grad_student.target(pb_.grad_student.at(row, start), n, scratch.grad_student);
+        side_gradient<true>(tile, lp, g_q, kd_scale, gs);
+        if (fused_ce) {
+          add_softmax(tile, lp, V(ce_scale), gs);
+          if (label >= start && label < start + n) gs[label - start] -= ce_scale;
         }
-        if (gt != nullptr) (Traits::template teacher_grad<M>(e, q, p, g_p, c_) * kd_scale).store(gt + j, count);
-      }
-      if (gs != nullptr) {
-        if (fused_ce && label >= start && label < start + n) gs[label - start] -= ce_scale_s;
         pb_.grad_student.store(gs, n, pb_.grad_student.at(row, start));
       }
-      if (gt != nullptr) pb_.grad_teacher.store(gt, n, pb_.grad_teacher.at(row, start));
+      if (o.teacher_grad) {
+        acc_t* gt = pb_.grad_teacher.target(pb_.grad_teacher.at(row, start), n, scratch.grad_teacher);
+        side_gradient<false>(tile, lp, g_p, kd_scale, gt);
+        pb_.grad_teacher.store(gt, n, pb_.grad_teacher.at(row, start));
+      }
     });
   }
 

@@ -27,9 +27,15 @@ def _guarded_mul(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.where(x > 0, x * y, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
+def _relative_gap(x, y, w):
+    """w (y - x) / x, with x floored at the smallest normal number so it cannot overflow (an entry
+    that small is weighted by x again wherever it counts)."""
+    return w * (y - x) / x.clamp_min(torch.finfo(x.dtype).tiny)
+
+
 def _log_ratio_to_mixture(x, y, w):
     """log(x / (w y + (1 - w) x)) = -log1p(w (y - x) / x): exactly 0 when y = x, accurate near it."""
-    return -torch.log1p(w * (y - x) / x)
+    return -torch.log1p(_relative_gap(x, y, w))
 
 
 def element_terms(divergence: int, la, lb, q, p, mix: float):
@@ -49,13 +55,13 @@ def element_terms(divergence: int, la, lb, q, p, mix: float):
         qgq, pgp = _guarded_mul(q, gq), _guarded_mul(p, gp)
         return qgq + pgp, qgq, pgp, gq, gp
     if divergence == _SKEW_KL:
-        z = (1 - mix) * (q - p) / p
+        z = _relative_gap(p, q, 1 - mix)
         log_ratio = -torch.log1p(z)
         p_over_r = torch.where(p > 0, 1 / (1 + z), torch.zeros_like(p))
         gq, gp = -(1 - mix) * p_over_r, log_ratio - mix * p_over_r
         return _guarded_mul(p, log_ratio), q * gq, _guarded_mul(p, gp), gq, gp
     if divergence == _SKEW_RKL:
-        z = (1 - mix) * (p - q) / q
+        z = _relative_gap(q, p, 1 - mix)
         log_ratio = -torch.log1p(z)
         q_over_r = torch.where(q > 0, 1 / (1 + z), torch.zeros_like(q))
         gq, gp = log_ratio - mix * q_over_r, -(1 - mix) * q_over_r

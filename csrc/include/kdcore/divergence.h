@@ -19,6 +19,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define KDCORE_HOST_DEVICE __host__ __device__ __forceinline__
@@ -50,9 +51,10 @@ struct ScalarMath {
   static KDCORE_HOST_DEVICE V log(V x) { return ::log(x); }
   static KDCORE_HOST_DEVICE V log1p(V x) { return ::log1p(x); }
   static KDCORE_HOST_DEVICE V abs(V x) { return ::fabs(x); }
-  // select(gt(a, b), x, y) == (a > b ? x : y); the unselected value may be NaN or inf.
+  static KDCORE_HOST_DEVICE V max(V a, V b) { return ::fmax(a, b); }
+  // keep(gt(a, b), x) == (a > b ? x : 0); the value not kept may be NaN or inf.
   static KDCORE_HOST_DEVICE bool gt(V a, V b) { return a > b; }
-  static KDCORE_HOST_DEVICE V select(bool mask, V x, V y) { return mask ? x : y; }
+  static KDCORE_HOST_DEVICE V keep(bool mask, V x) { return mask ? x : V(0); }
 };
 
 // Per-launch constants of a divergence, broadcast to the math type once per row block.
@@ -61,11 +63,21 @@ struct DivergenceConstants {
   V zero, half, one;
   V mix;         // jsd: beta; skew_kl / skew_rkl: alpha; unused otherwise
   V one_minus_mix;
+  V tiny;        // the smallest normal number: the floor of a probability used as a divisor
 };
 
 template <class M, typename T>
 KDCORE_HOST_DEVICE DivergenceConstants<typename M::V> make_constants(T mix) {
-  return {M::splat(T(0)), M::splat(T(0.5)), M::splat(T(1)), M::splat(mix), M::splat(T(1) - mix)};
+  return {M::splat(T(0)), M::splat(T(0.5)), M::splat(T(1)), M::splat(mix), M::splat(T(1) - mix),
+          M::splat(std::numeric_limits<T>::min())};
+}
+
+// w (y - x) / x with x floored at the smallest normal number: never overflows (a denormal x would
+// send the ratio to inf and the term to NaN), and an entry that small is multiplied by x again
+// wherever it counts, so the floor changes nothing measurable.
+template <class M, typename V>
+KDCORE_HOST_DEVICE V relative_gap(V x, V y, V w, const DivergenceConstants<V>& c) {
+  return w * (y - x) / M::max(x, c.tiny);
 }
 
 template <typename V>
@@ -80,7 +92,7 @@ struct ElementTerms {
 // x > 0 ? x * y : 0 -- the guarded product that makes 0 * log 0 and 0 * (-inf) vanish.
 template <class M, typename V>
 KDCORE_HOST_DEVICE V guarded_mul(V x, V y, const DivergenceConstants<V>& c) {
-  return M::select(M::gt(x, c.zero), x * y, c.zero);
+  return M::keep(M::gt(x, c.zero), x * y);
 }
 
 // The softmax Jacobian applied to a free derivative: prob * (g - G), formed as in torch's
@@ -158,7 +170,7 @@ struct JacobianGradients {
 // log(mixture) - log(x) would cancel to an ulp of the logs.
 template <class M, typename V>
 KDCORE_HOST_DEVICE V log_ratio_to_mixture(V x, V y, V w, const DivergenceConstants<V>& c) {
-  return c.zero - M::log1p(w * (y - x) / x);
+  return c.zero - M::log1p(relative_gap<M>(x, y, w, c));
 }
 
 template <>
@@ -183,9 +195,9 @@ struct DivergenceTraits<Divergence::SkewKL> : JacobianGradients {
     (void)lb;
     // r = alpha p + (1 - alpha) q;  log(p / r) = -log1p(z),  p / r = 1 / (1 + z),
     // z = (1 - alpha)(q - p) / p. With alpha = 0 and q = 0 the divergence is +inf and says so.
-    const V z = c.one_minus_mix * (q - p) / p;
+    const V z = relative_gap<M>(p, q, c.one_minus_mix, c);
     const V log_ratio = c.zero - M::log1p(z);
-    const V p_over_r = M::select(M::gt(p, c.zero), c.one / (c.one + z), c.zero);
+    const V p_over_r = M::keep(M::gt(p, c.zero), c.one / (c.one + z));
     const V term = guarded_mul<M>(p, log_ratio, c);
     const V gq = c.zero - c.one_minus_mix * p_over_r, gp = log_ratio - c.mix * p_over_r;
     return {term, q * gq, guarded_mul<M>(p, gp, c), gq, gp};
@@ -200,9 +212,9 @@ struct DivergenceTraits<Divergence::SkewRKL> : JacobianGradients {
     (void)lb;
     // r = alpha q + (1 - alpha) p;  log(q / r) = -log1p(z),  q / r = 1 / (1 + z),
     // z = (1 - alpha)(p - q) / q.
-    const V z = c.one_minus_mix * (p - q) / q;
+    const V z = relative_gap<M>(q, p, c.one_minus_mix, c);
     const V log_ratio = c.zero - M::log1p(z);
-    const V q_over_r = M::select(M::gt(q, c.zero), c.one / (c.one + z), c.zero);
+    const V q_over_r = M::keep(M::gt(q, c.zero), c.one / (c.one + z));
     const V term = guarded_mul<M>(q, log_ratio, c);
     const V gq = log_ratio - c.mix * q_over_r, gp = c.zero - c.one_minus_mix * q_over_r;
     return {term, guarded_mul<M>(q, gq, c), p * gp, gq, gp};
@@ -217,7 +229,7 @@ struct DivergenceTraits<Divergence::TVD> : JacobianGradients {
     (void)lb;
     const V diff = p - q;
     // sign(p - q), with sign(0) = 0 (the subgradient kdcore uses)
-    const V sign = M::select(M::gt(diff, c.zero), c.one, M::select(M::gt(c.zero, diff), c.zero - c.one, c.zero));
+    const V sign = M::keep(M::gt(diff, c.zero), c.one) - M::keep(M::gt(c.zero, diff), c.one);
     const V gp = c.half * sign, gq = c.zero - gp;
     return {c.half * M::abs(diff), q * gq, p * gp, gq, gp};
   }
