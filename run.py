@@ -24,6 +24,9 @@ VENV = Path(os.environ.get("KDCORE_VENV", ROOT / ".venv"))
 TORCH = os.environ.get("KDCORE_TORCH", "torch>=2.6")
 BUILD_TOOLS = ["setuptools>=69", "wheel", "ninja", "pybind11"]
 EXTRAS = {"demo": "", "bench": "", "test": "[test]"}
+# third-party packages a job installs next to kdcore: the tests check that kdcore finds the example plugin
+EXAMPLE_PLUGIN = ROOT / "examples" / "kdcore-plugin-example"
+JOB_PACKAGES = {"test": [EXAMPLE_PLUGIN]}
 
 
 def venv_python() -> Path:
@@ -37,7 +40,8 @@ def sh(*cmd, **kwargs) -> None:
 
 def build_fingerprint(extras: str) -> str:
     digest = hashlib.sha256(f"{TORCH}|{extras}|{os.environ.get('KDCORE_CPU_ISAS', '')}".encode())
-    inputs = [ROOT / "pyproject.toml", ROOT / "setup.py", *sorted((ROOT / "csrc").rglob("*"))]
+    inputs = [ROOT / "pyproject.toml", ROOT / "setup.py", *sorted((ROOT / "csrc").rglob("*")),
+              *sorted(EXAMPLE_PLUGIN.glob("*"))]
     for path in inputs:
         if path.is_file():
             digest.update(path.name.encode())
@@ -57,6 +61,8 @@ def ensure_environment(job: str) -> Path:
     sh(python, "-m", "pip", "install", "--upgrade", "pip")
     sh(python, "-m", "pip", "install", TORCH, *BUILD_TOOLS)
     sh(python, "-m", "pip", "install", "--no-build-isolation", "-e", f".{extras}", cwd=ROOT)
+    for package in JOB_PACKAGES.get(job, []):
+        sh(python, "-m", "pip", "install", "--no-build-isolation", "--force-reinstall", "--no-deps", package)
     stamp.write_text(fingerprint)
     return python
 
@@ -72,7 +78,8 @@ def main(argv: list[str]) -> int:
         "bench": [python, "-m", "benchmarks.kd_loss", *args],
         "test": [python, "-m", "pytest", *args],
     }
-    return subprocess.run([str(c) for c in commands[job]], cwd=ROOT).returncode
+    env = {**os.environ, "KDCORE_EXPECT_EXAMPLE_PLUGIN": "1"} if job == "test" else None
+    return subprocess.run([str(c) for c in commands[job]], cwd=ROOT, env=env).returncode
 
 
 if __name__ == "__main__":

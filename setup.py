@@ -18,7 +18,7 @@ import os
 import platform
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 import torch
@@ -88,6 +88,9 @@ def core_extension():
 
 
 setup(
+    # the built-in plugins live in plugins/ and install as the package kdcore_plugins
+    packages=[*find_packages(include=["kdcore", "kdcore.*"]), "kdcore_plugins"],
+    package_dir={"kdcore_plugins": "plugins"},
     ext_modules=[core_extension(), *cpu_extensions()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from kdcore import _checks
-from kdcore.backends import REGISTRY
+from kdcore import plugins
 from kdcore.divergences import DIVERGENCES, REDUCTIONS, REDUCTION_NONE
 from kdcore.ops.kd_loss import loss_dtype
 
@@ -170,7 +170,7 @@ def kd_loss(
     labels, mask, normalizer = row_arguments(fn, student, leading, labels, mask, normalizer, options)
     if not isinstance(backend, str):
         raise TypeError(f"{fn}: backend must be a backend name or 'auto', got {type(backend).__name__}")
-    op = REGISTRY.resolve("kd_loss", backend, student.device, fn)
+    op = _op(resolve_op_name("kd_loss", backend, student.device.type, fn))
     grad_enabled = torch.is_grad_enabled()
     loss, _, _ = op(
         student, teacher, labels, mask, normalizer, options.temperature, options.divergence, options.mix,
@@ -178,3 +178,18 @@ def kd_loss(
         grad_enabled and student.requires_grad, grad_enabled and teacher.requires_grad,
     )
     return loss.reshape(leading) if options.reduction == REDUCTION_NONE else loss
+
+
+@torch.compiler.assume_constant_result
+def resolve_op_name(family: str, backend: str, device_type: str, caller: str) -> str:
+    """The qualified name of the op that runs ``family`` for ``backend`` on ``device_type``.
+
+    Runs eagerly even under ``torch.compile`` (it may load plugins and probe the machine); the
+    compiled graph keeps its answer, so a backend registered after compiling is not seen there.
+    """
+    return plugins.host().backends.resolve(family, backend, device_type, caller)
+
+
+def _op(qualname: str):
+    namespace, _, name = qualname.partition("::")
+    return getattr(getattr(torch.ops, namespace), name)

@@ -3,6 +3,10 @@ float64 gradcheck, torch.compile, and that the C++ and Python schemas are the sa
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -92,6 +96,22 @@ def test_compile_fullgraph_matches_eager(backend, reduction):
         results.append((out.detach(), x.grad))
     torch.testing.assert_close(results[1][0], results[0][0])
     torch.testing.assert_close(results[1][1], results[0][1])
+
+
+def test_compile_before_any_eager_call():
+    """The first kd_loss call of a process may be inside a compiled function: choosing the backend
+    (which loads plugins and probes the machine) runs eagerly, outside the traced graph."""
+    code = textwrap.dedent("""
+        import torch, kdcore
+        step = torch.compile(lambda s, t: kdcore.kd_loss(s, t, temperature=2.0), fullgraph=True,
+                             backend="aot_eager")
+        s, t = torch.randn(4, 10, requires_grad=True), torch.randn(4, 10)
+        loss = step(s, t)
+        torch.testing.assert_close(loss, kdcore.kd_loss(s, t, temperature=2.0))
+        print("ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
 
 
 @pytest.mark.skipif(_ext.status().core_error is not None, reason="kdcore._C is not built")

@@ -1,15 +1,17 @@
 """kdcore's custom ops (``torch.ops.kdcore.*``) and the built-in backends that expose them.
 
-Importing this package defines the Python ops, gives every op its fake implementation and
-autograd, and registers the built-in backends.
+Importing this package defines the Python ops and gives every op its fake implementation and
+autograd. It is also the plugin (entry point ``kdcore.backends``) that registers kdcore's own
+backends, through the same hook a third-party backend uses.
 """
 
 from __future__ import annotations
 
 from kdcore import _ext
-from kdcore.backends import REGISTRY, Backend
+from kdcore.backends import Backend
 from kdcore.ops import reference
 from kdcore.ops.kd_loss import register_kd_loss_op
+from kdcore.plugins import hookimpl
 
 
 def _cpp_unavailable() -> str | None:
@@ -37,5 +39,9 @@ BUILTIN_BACKENDS = (
 register_kd_loss_op(reference.QUALNAME)
 if _ext.status().core_error is None:
     register_kd_loss_op("kdcore::kd_loss_cpp")
-for _backend in BUILTIN_BACKENDS:
-    REGISTRY.register(_backend)
+
+
+@hookimpl
+def kdcore_register_backends(register):
+    for backend in BUILTIN_BACKENDS:
+        register(backend)

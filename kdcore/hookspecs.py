@@ -1,0 +1,119 @@
+"""Every hook kdcore calls. A plugin implements any of them with ``@kdcore.hookimpl``.
+
+There are two kinds:
+
+* **Registration hooks** (``kdcore_register_*``) are called once per plugin, when the plugin is
+  loaded. Each receives a ``register`` callable; the plugin calls it once per thing it provides.
+  Names are global: registering a name another plugin already took is refused with a warning that
+  names both plugins, and the first registration (built-ins load first) stays.
+* **Lifecycle hooks** (``kdcore_run_start`` ... ``kdcore_evaluated``) are called by the
+  :class:`kdcore.Distiller` while it trains. A plugin module that implements them sees every run;
+  a *callback* (an object registered with ``kdcore_register_callbacks`` and switched on by name in a
+  run's config) sees only the runs that ask for it. Their return values are ignored, and an
+  exception in one stops the run (a callback that checkpoints or validates must be able to).
+
+Lifecycle hooks are called with keyword arguments; an implementation may accept any subset of
+them (pluggy passes only the arguments the implementation names). ``run`` is the Distiller doing
+the work: ``run.config``, ``run.output_dir`` and ``run.student`` are the stable attributes.
+"""
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("kdcore")
+
+
+# -- registration ---------------------------------------------------------------------------------
+
+
+@hookspec
+def kdcore_register_methods(register):
+    """Register distillation methods.
+
+    Call ``register(name, factory, description="")`` for each method. ``factory(config)`` receives
+    the method's section of a run config (a dict) and returns a :class:`kdcore.Method`: it plans the
+    run's stages and gives the named loss terms of each training step. Raise ``ValueError`` naming
+    the key for a bad config.
+    """
+
+
+@hookspec
+def kdcore_register_losses(register):
+    """Register loss functions that configs and methods can name.
+
+    Call ``register(name, fn, description="")`` for each. ``fn(student_logits, teacher_logits,
+    **options)`` returns the loss as a tensor; ``options`` are the keyword arguments of
+    :func:`kdcore.kd_loss` it understands (``temperature``, ``labels``, ``reduction``, ...) plus its
+    own. It must be differentiable with respect to ``student_logits``.
+    """
+
+
+@hookspec
+def kdcore_register_backends(register):
+    """Register kernel backends.
+
+    Call ``register(backend)`` with a :class:`kdcore.Backend` for each: the devices it runs on, its
+    priority for ``backend="auto"``, the op it provides for each op family (``"kd_loss"``: a
+    ``torch.library`` op or a callable with the family's schema), and a function saying why it is
+    unavailable on this machine (or None). kdcore's own ``reference`` and ``cpp`` backends are
+    registered through this hook too.
+    """
+
+
+@hookspec
+def kdcore_register_callbacks(register):
+    """Register named training callbacks.
+
+    Call ``register(name, factory, description="")`` for each. When a run's config lists the name
+    under ``callbacks``, the Distiller calls ``factory(options)`` with that entry's options (a
+    dict) and registers the returned object as a plugin for the duration of the run, so its
+    ``@kdcore.hookimpl`` methods receive the lifecycle hooks below.
+    """
+
+
+# -- lifecycle ------------------------------------------------------------------------------------
+
+
+@hookspec
+def kdcore_run_start(run):
+    """Called once before the first stage, after the run's config is validated and any checkpoint
+    it resumes from is loaded."""
+
+
+@hookspec
+def kdcore_run_end(run, metrics):
+    """Called once after the last stage, with the final evaluation ``metrics`` (a dict of floats,
+    empty if the run never evaluated)."""
+
+
+@hookspec
+def kdcore_stage_start(run, stage):
+    """Called before a stage trains (also when a resumed run re-enters it). ``stage`` is the
+    :class:`kdcore.Stage` about to run."""
+
+
+@hookspec
+def kdcore_stage_end(run, stage):
+    """Called after a stage's last epoch, once its checkpoint is written."""
+
+
+@hookspec
+def kdcore_epoch_start(run, stage, epoch):
+    """Called before each training epoch; ``epoch`` counts from 0 within the stage."""
+
+
+@hookspec
+def kdcore_epoch_end(run, stage, epoch):
+    """Called after each training epoch, once its checkpoint is written."""
+
+
+@hookspec
+def kdcore_step_end(run, stage, step, losses):
+    """Called after each optimizer step. ``step`` counts optimizer steps from 0 within the stage;
+    ``losses`` maps each named loss term (``"kd"``, ``"ce"``, ..., and ``"total"``) to its value as
+    a float, already averaged over gradient-accumulation micro-batches."""
+
+
+@hookspec
+def kdcore_evaluated(run, stage, epoch, metrics):
+    """Called after each evaluation with its ``metrics``: a dict of floats such as ``accuracy``,
+    ``teacher_agreement``, ``kl_to_teacher`` and ``ece``."""
