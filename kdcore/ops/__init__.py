@@ -10,6 +10,7 @@ from __future__ import annotations
 from kdcore import _ext
 from kdcore.backends import Backend
 from kdcore.ops import reference
+from kdcore.ops import triton as triton_ops
 from kdcore.ops.kd_loss import register_kd_loss_op
 from kdcore.plugins import hookimpl
 
@@ -28,6 +29,15 @@ BUILTIN_BACKENDS = (
         description="fused C++ kernel (at::vec, one pass over DRAM)",
     ),
     Backend(
+        name="triton",
+        devices=triton_ops.devices(),
+        # interpreted (TRITON_INTERPRET=1, CPU tensors) it is for testing only: never picked by "auto"
+        priority=-10 if triton_ops.interpreted() else 30,
+        ops={"kd_loss": triton_ops.QUALNAME},
+        unavailable_reason=triton_ops.unavailable_reason,
+        description="Triton kernels, one program per row (CUDA; CPU through TRITON_INTERPRET=1)",
+    ),
+    Backend(
         name="reference",
         devices=("*",),
         priority=0,
@@ -37,6 +47,7 @@ BUILTIN_BACKENDS = (
 )
 
 register_kd_loss_op(reference.QUALNAME)
+register_kd_loss_op(triton_ops.QUALNAME)
 if _ext.status().core_error is None:
     register_kd_loss_op("kdcore::kd_loss_cpp")
 

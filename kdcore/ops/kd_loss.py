@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from kdcore.divergences import REDUCTION_NONE
+from kdcore.divergences import REDUCTION_NONE, REDUCTIONS
 
 # Arguments, in order; the C++ twin is KDCORE_KD_LOSS_SIGNATURE in csrc/bindings.cpp.
 KD_LOSS_SIGNATURE = (
@@ -37,6 +37,35 @@ def empty_outputs(student, teacher, reduction: int, student_grad: bool, teacher_
     grad_student = student.new_empty((n, v) if student_grad else (0,))
     grad_teacher = teacher.new_empty((n, v) if teacher_grad else (0,))
     return loss, grad_student, grad_teacher
+
+
+def kept_rows(n: int, labels, mask, ignore_index: int, device) -> torch.Tensor:
+    """[N] bool: labels != ignore_index and mask (each optional)."""
+    kept = torch.ones(n, dtype=torch.bool, device=device)
+    if labels is not None:
+        kept &= labels != ignore_index
+    if mask is not None:
+        kept &= mask
+    return kept
+
+
+def reduction_divisor(kept: torch.Tensor, normalizer, reduction: int, dtype: torch.dtype) -> torch.Tensor:
+    """The 0-dim divisor of the summed row losses: the normalizer or the kept-row count (at least
+    1) for batchmean, else 1. Stays on the device (no synchronization)."""
+    if reduction != REDUCTIONS["batchmean"]:
+        return torch.ones((), dtype=dtype, device=kept.device)
+    if normalizer is not None:
+        return normalizer.to(dtype)
+    return kept.sum().to(dtype).clamp_min(1)
+
+
+def all_neg_inf_error(row: int) -> ValueError:
+    return ValueError(f"kd_loss: row {row} of the logits is entirely -inf in the student or the teacher; every kept "
+                      "row needs a finite logit (mark the row ignored with labels=ignore_index or mask=False)")
+
+
+def label_out_of_range_error(index: int, label: int, vocab: int) -> ValueError:
+    return ValueError(f"kd_loss: labels[{index}] = {label} is outside [0, {vocab})")
 
 
 def _fake(student, teacher, labels, mask, normalizer, temperature, divergence, mix, t2_scale, kd_weight,

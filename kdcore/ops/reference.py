@@ -13,7 +13,15 @@ from __future__ import annotations
 import torch
 
 from kdcore.divergences import DIVERGENCES, REDUCTIONS
-from kdcore.ops.kd_loss import KD_LOSS_SIGNATURE, empty_outputs, loss_dtype
+from kdcore.ops.kd_loss import (
+    KD_LOSS_SIGNATURE,
+    all_neg_inf_error,
+    empty_outputs,
+    kept_rows,
+    label_out_of_range_error,
+    loss_dtype,
+    reduction_divisor,
+)
 
 CHUNK_ELEMENTS = 1 << 20
 
@@ -88,36 +96,15 @@ def grad_wrt_teacher(divergence: int, q, p, gp, pgp):
     return p - q if divergence == _REVERSE_KL else _softmax_grad(p, gp, pgp.sum(-1))
 
 
-def _kept_rows(n, labels, mask, ignore_index, device):
-    kept = torch.ones(n, dtype=torch.bool, device=device)
-    if labels is not None:
-        kept &= labels != ignore_index
-    if mask is not None:
-        kept &= mask
-    return kept
-
-
-def _divisor(kept, normalizer, reduction, dtype):
-    if reduction != REDUCTIONS["batchmean"]:
-        return torch.ones((), dtype=dtype, device=kept.device)
-    if normalizer is not None:
-        return normalizer.to(dtype)
-    return kept.sum().to(dtype).clamp_min(1)
-
-
 def _check_values(s, t, kept, labels, ce_weight, first_row):
     all_masked = kept & ((s == -torch.inf).all(-1) | (t == -torch.inf).all(-1))
     if bool(all_masked.any()):
-        row = first_row + int(all_masked.nonzero()[0, 0])
-        raise ValueError(
-            f"kd_loss: row {row} of the logits is entirely -inf in the student or the teacher; every kept "
-            "row needs a finite logit (mark the row ignored with labels=ignore_index or mask=False)"
-        )
+        raise all_neg_inf_error(first_row + int(all_masked.nonzero()[0, 0]))
     if ce_weight != 0:
         out_of_range = kept & ((labels < 0) | (labels >= s.shape[1]))
         if bool(out_of_range.any()):
             i = int(out_of_range.nonzero()[0, 0])
-            raise ValueError(f"kd_loss: labels[{first_row + i}] = {int(labels[i])} is outside [0, {s.shape[1]})")
+            raise label_out_of_range_error(first_row + i, int(labels[i]), s.shape[1])
 
 
 def _finish_rows(grad, kept, bad, row_scale):
@@ -134,8 +121,8 @@ def kd_loss_reference(student, teacher, labels, mask, normalizer, temperature, d
     n, v = student.shape
     acc = loss_dtype(student)
     loss, grad_student, grad_teacher = empty_outputs(student, teacher, reduction, student_grad, teacher_grad)
-    kept = _kept_rows(n, labels, mask, ignore_index, student.device)
-    divisor = _divisor(kept, normalizer, reduction, acc)
+    kept = kept_rows(n, labels, mask, ignore_index, student.device)
+    divisor = reduction_divisor(kept, normalizer, reduction, acc)
     row_scale = 1 / divisor
     kd_loss_scale = kd_weight * (temperature**2 if t2_scale else 1.0)
     kd_grad_scale = kd_weight * (temperature if t2_scale else 1.0 / temperature)

@@ -1,0 +1,93 @@
+"""The ``triton`` backend: kd_loss as Triton kernels (``kdcore::kd_loss_triton``).
+
+The op is defined whether or not Triton is installed; the kernels (kdcore/ops/triton/kd_loss.py)
+are imported on the first call. It runs on CUDA tensors, or, with ``TRITON_INTERPRET=1``, on CPU
+tensors through Triton's interpreter (slow; that is how CI tests the kernels without a GPU).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from kdcore.divergences import REDUCTION_NONE
+from kdcore.ops.kd_loss import (
+    KD_LOSS_SIGNATURE,
+    all_neg_inf_error,
+    empty_outputs,
+    kept_rows,
+    label_out_of_range_error,
+    loss_dtype,
+    reduction_divisor,
+)
+
+QUALNAME = "kdcore::kd_loss_triton"
+
+
+def interpreted() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def devices() -> tuple[str, ...]:
+    return ("cpu",) if interpreted() else ("cuda",)
+
+
+def unavailable_reason() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton)"
+    if interpreted():
+        return None
+    if not torch.cuda.is_available():
+        return "no CUDA device (TRITON_INTERPRET=1 runs the Triton kernels on CPU tensors, slowly, for testing)"
+    return None
+
+
+def kd_loss_triton(student, teacher, labels, mask, normalizer, temperature, divergence, mix, t2_scale, kd_weight,
+                   ce_weight, ignore_index, reduction, student_grad, teacher_grad):
+    from kdcore.ops.triton import kd_loss as kernels
+
+    if student.dim() != 2 or student.shape != teacher.shape:
+        raise ValueError(f"kd_loss_triton: expected two [N, V] logits, got {tuple(student.shape)} "
+                         f"and {tuple(teacher.shape)}")
+    if student.device.type != ("cpu" if interpreted() else "cuda"):
+        raise ValueError(f"kd_loss_triton: runs on {devices()[0]} tensors here, got {student.device.type}")
+    n, v = student.shape
+    acc = loss_dtype(student)
+    student, teacher = (x if v <= 1 or x.stride(1) == 1 else x.contiguous() for x in (student, teacher))
+    loss, grad_student, grad_teacher = empty_outputs(student, teacher, reduction, student_grad, teacher_grad)
+    kept = kept_rows(n, labels, mask, ignore_index, student.device)
+    divisor = reduction_divisor(kept, normalizer, reduction, acc).contiguous()
+    row_loss = torch.zeros(n, dtype=acc, device=student.device)
+    status = torch.zeros(n, dtype=torch.int8, device=student.device)
+    if n > 0:
+        kernels.launch(
+            student, teacher, grad_student, grad_teacher,
+            labels.contiguous() if labels is not None else None, mask.contiguous() if mask is not None else None,
+            divisor, row_loss, status, temperature=temperature, divergence=divergence, mix=mix,
+            kd_loss_scale=kd_weight * (temperature**2 if t2_scale else 1.0),
+            kd_grad_scale=kd_weight * (temperature if t2_scale else 1.0 / temperature),
+            ce_weight=ce_weight, ignore_index=ignore_index, interpreted=interpreted(),
+        )
+        _raise_for_status(status, labels, v)
+    loss.copy_(row_loss if reduction == REDUCTION_NONE else row_loss.sum() / divisor)
+    return loss, grad_student, grad_teacher
+
+
+def _raise_for_status(status: torch.Tensor, labels, vocab: int) -> None:
+    """Raises the first row's failure (one device synchronization per call)."""
+    from kdcore.ops.triton.kd_loss import STATUS_ALL_NEG_INF, STATUS_LABEL_OUT_OF_RANGE
+
+    if not bool(status.any()):
+        return
+    failed = status.nonzero()[:, 0]
+    row = int(failed[0])
+    if int(status[row]) == STATUS_ALL_NEG_INF:
+        raise all_neg_inf_error(row)
+    assert int(status[row]) == STATUS_LABEL_OUT_OF_RANGE
+    raise label_out_of_range_error(row, int(labels[row]), vocab)
+
+
+torch.library.custom_op(QUALNAME, kd_loss_triton, mutates_args=(), schema=KD_LOSS_SIGNATURE)
