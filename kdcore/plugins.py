@@ -198,6 +198,8 @@ class PluginHost:
 
     def unregister(self, name: str) -> None:
         """Removes a plugin and everything it registered."""
+        if name not in self.plugins:
+            raise ValueError(f"unregister: no plugin named {name!r}{suggestion(name, self.plugins)}")
         info = self.plugins.pop(name)
         if info.status == "loaded":
             self.pm.unregister(name=name)
