@@ -33,9 +33,8 @@ def plugins_command(args: argparse.Namespace) -> int:
         print(json.dumps([info.as_dict() for info in found], indent=2))
         return 0
     for info in found:
-        package = " ".join(filter(None, (info.package, info.version))) or "-"
         origin = "built-in" if info.builtin else "third-party"
-        print(f"{info.name}  [{package}, {origin}]  {info.module}")
+        print(f"{info.name}  [{info.package_label or '-'}, {origin}]  {info.module}")
         if info.status != "loaded":
             print(f"    {info.status}" + (f": {info.error}" if info.error else ""))
         for kind, names in info.registers.items():

@@ -81,9 +81,13 @@ class PluginInfo:
     hooks: list[str] = field(default_factory=list)  # the lifecycle hooks it implements
     warnings: list[str] = field(default_factory=list)
 
+    @property
+    def package_label(self) -> str:
+        """"package version", or "" for a plugin registered without a package."""
+        return " ".join(filter(None, (self.package, self.version)))
+
     def describe(self) -> str:
-        package = " ".join(filter(None, (self.package, self.version))) or "no package"
-        return f"plugin {self.name!r} ({package})"
+        return f"plugin {self.name!r} ({self.package_label or 'no package'})"
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -213,7 +217,7 @@ class PluginHost:
             self._fail(info, f"could not be registered: {' '.join(str(exc).split())}", strict)
             return
         try:
-            self._check_hook_names(plugin, info)
+            self._check_hook_names(plugin)
             pending = self._collect_registrations(plugin, info)
         except Exception as exc:
             self.pm.unregister(plugin)
@@ -234,12 +238,20 @@ class PluginHost:
         info.hooks = sorted(hc.name for hc in self.pm.get_hookcallers(plugin) or ()
                             if hc.name not in REGISTRATION_HOOKS)
 
-    def _check_hook_names(self, plugin: object, info: PluginInfo) -> None:
-        unknown = [hc.name for hc in self.pm.get_hookcallers(plugin) or () if hc.name not in HOOK_NAMES]
-        if unknown:
-            hints = "; ".join(f"{name!r}{suggestion(name, HOOK_NAMES)}" for name in unknown)
-            raise _PluginProblem(f"implements hooks kdcore does not have: {hints} (kdcore/hookspecs.py lists them)")
+    def _check_hook_names(self, plugin: object) -> None:
+        problem = self._unknown_hooks(plugin)
+        if problem:
+            raise _PluginProblem(f"{problem} (kdcore/hookspecs.py lists them)")
         self.pm.check_pending()
+
+    def _unknown_hooks(self, plugin: object) -> str | None:
+        """Names the hooks a registered plugin implements that kdcore does not have, with the
+        closest real names; None when there are none."""
+        unknown = [hc.name for hc in self.pm.get_hookcallers(plugin) or () if hc.name not in HOOK_NAMES]
+        if not unknown:
+            return None
+        return "implements hooks kdcore does not have: " + "; ".join(
+            f"{name!r}{suggestion(name, HOOK_NAMES)}" for name in unknown)
 
     def _collect_registrations(self, plugin: object, info: PluginInfo) -> list[tuple[str, Entry]]:
         """Calls the plugin's registration hooks; what they register is added only if all succeed."""
@@ -286,10 +298,9 @@ class PluginHost:
                 name = f"callback-{index}-{id(obj)}"
                 self.pm.register(obj, name=name)
                 registered.append(obj)
-                unknown = [hc.name for hc in self.pm.get_hookcallers(obj) or () if hc.name not in HOOK_NAMES]
-                if unknown:
-                    raise ValueError(f"callback {type(obj).__name__} implements hooks kdcore does not have: "
-                                     f"{', '.join(repr(u) + suggestion(u, HOOK_NAMES) for u in unknown)}")
+                problem = self._unknown_hooks(obj)
+                if problem:
+                    raise ValueError(f"callback {type(obj).__name__} {problem}")
             yield objects
         finally:
             for obj in registered:

@@ -59,6 +59,18 @@ def reduction_divisor(kept: torch.Tensor, normalizer, reduction: int, dtype: tor
     return kept.sum().to(dtype).clamp_min(1)
 
 
+def kd_scales(temperature: float, t2_scale: bool, kd_weight: float) -> tuple[float, float]:
+    """(factor of the summed divergence in the loss, factor of dd/da in the logits' gradient):
+    kd_weight times T² (or 1), and the chain rule through a = z / T on top of that."""
+    return (kd_weight * (temperature**2 if t2_scale else 1.0),
+            kd_weight * (temperature if t2_scale else 1.0 / temperature))
+
+
+def reduce_rows(loss: torch.Tensor, row_loss: torch.Tensor, divisor: torch.Tensor, reduction: int) -> None:
+    """Writes the op's loss output: the row losses for reduction 'none', else their sum / divisor."""
+    loss.copy_(row_loss if reduction == REDUCTION_NONE else row_loss.sum() / divisor)
+
+
 def all_neg_inf_error(row: int) -> ValueError:
     return ValueError(f"kd_loss: row {row} of the logits is entirely -inf in the student or the teacher; every kept "
                       "row needs a finite logit (mark the row ignored with labels=ignore_index or mask=False)")

@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import torch
 
-from kdcore.divergences import DIVERGENCES, REDUCTIONS
+from kdcore.divergences import DIVERGENCES
 from kdcore.ops.kd_loss import (
     KD_LOSS_SIGNATURE,
     all_neg_inf_error,
     empty_outputs,
+    kd_scales,
     kept_rows,
     label_out_of_range_error,
     loss_dtype,
+    reduce_rows,
     reduction_divisor,
 )
 
@@ -124,8 +126,7 @@ def kd_loss_reference(student, teacher, labels, mask, normalizer, temperature, d
     kept = kept_rows(n, labels, mask, ignore_index, student.device)
     divisor = reduction_divisor(kept, normalizer, reduction, acc)
     row_scale = 1 / divisor
-    kd_loss_scale = kd_weight * (temperature**2 if t2_scale else 1.0)
-    kd_grad_scale = kd_weight * (temperature if t2_scale else 1.0 / temperature)
+    kd_loss_scale, kd_grad_scale = kd_scales(temperature, t2_scale, kd_weight)
     row_loss = torch.zeros(n, dtype=acc, device=student.device)
     chunk = max(1, CHUNK_ELEMENTS // v)
     for start in range(0, n, chunk):
@@ -152,10 +153,7 @@ def kd_loss_reference(student, teacher, labels, mask, normalizer, temperature, d
         if teacher_grad:
             g = kd_grad_scale * grad_wrt_teacher(divergence, q, p, gp, pgp)
             grad_teacher[rows] = _finish_rows(g, k, bad, row_scale).to(teacher.dtype)
-    if reduction == REDUCTIONS["none"]:
-        loss.copy_(row_loss)
-    else:
-        loss.copy_(row_loss.sum() / divisor)
+    reduce_rows(loss, row_loss, divisor, reduction)
     return loss, grad_student, grad_teacher
 
 

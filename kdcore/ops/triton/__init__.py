@@ -12,14 +12,15 @@ import os
 
 import torch
 
-from kdcore.divergences import REDUCTION_NONE
 from kdcore.ops.kd_loss import (
     KD_LOSS_SIGNATURE,
     all_neg_inf_error,
     empty_outputs,
+    kd_scales,
     kept_rows,
     label_out_of_range_error,
     loss_dtype,
+    reduce_rows,
     reduction_divisor,
 )
 
@@ -63,16 +64,16 @@ def kd_loss_triton(student, teacher, labels, mask, normalizer, temperature, dive
     row_loss = torch.zeros(n, dtype=acc, device=student.device)
     status = torch.zeros(n, dtype=torch.int8, device=student.device)
     if n > 0:
+        kd_loss_scale, kd_grad_scale = kd_scales(temperature, t2_scale, kd_weight)
         kernels.launch(
             student, teacher, grad_student, grad_teacher,
             labels.contiguous() if labels is not None else None, mask.contiguous() if mask is not None else None,
             divisor, row_loss, status, temperature=temperature, divergence=divergence, mix=mix,
-            kd_loss_scale=kd_weight * (temperature**2 if t2_scale else 1.0),
-            kd_grad_scale=kd_weight * (temperature if t2_scale else 1.0 / temperature),
+            kd_loss_scale=kd_loss_scale, kd_grad_scale=kd_grad_scale,
             ce_weight=ce_weight, ignore_index=ignore_index, interpreted=interpreted(),
         )
         _raise_for_status(status, labels, v)
-    loss.copy_(row_loss if reduction == REDUCTION_NONE else row_loss.sum() / divisor)
+    reduce_rows(loss, row_loss, divisor, reduction)
     return loss, grad_student, grad_teacher
 
 

@@ -24,6 +24,7 @@ a per-row status byte that the host checks after the launch.
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -352,14 +353,12 @@ def tiling(n_cols: int, interpreted: bool) -> tuple[int, bool, int]:
     return sizes["block"], False, 8
 
 
-_params: dict[tuple, object] = {}
+_params: dict[tuple, torch.Tensor] = {}
 
 
 def scalar_params(device, dtype, values: tuple[float, ...]):
     """The kernel's float scalars as a device tensor of the accumulation type, cached per distinct
     set (the options rarely change during training, so there is no host-to-device copy per call)."""
-    import torch
-
     key = (device, dtype, values)
     cached = _params.get(key)
     if cached is None:
@@ -373,8 +372,6 @@ def launch(student, teacher, grad_student, grad_teacher, labels, mask, divisor, 
            temperature: float, divergence: int, mix: float, kd_loss_scale: float, kd_grad_scale: float,
            ce_weight: float, ignore_index: int, interpreted: bool) -> None:
     """Runs kd_loss_kernel over every row; writes row_loss, status and the requested gradients."""
-    import torch
-
     n, v = student.shape
     acc = row_loss.dtype
     student_grad, teacher_grad = grad_student.numel() > 0, grad_teacher.numel() > 0
