@@ -83,7 +83,7 @@ def core_extension():
         sources=sources,
         include_dirs=INCLUDE,
         define_macros=[("KDCORE_WITH_CUDA", None)],
-        extra_compile_args={"cxx": OPTIMIZE, "nvcc": OPTIMIZE + ["-lineinfo", "--expt-relaxed-constexpr"]},
+        extra_compile_args={"cxx": OPTIMIZE, "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]},
     )
 
 

@@ -8,15 +8,21 @@
 // kd_loss_<backend>(...) -> (loss, grad_student, grad_teacher)
 //   loss: [] for 'sum' / 'batchmean', [N] for 'none' (float32; float64 for float64 logits)
 //   grad_*: dLoss/dlogits for a unit upstream gradient, or an empty tensor when not requested
-#define KDCORE_KD_LOSS_SIGNATURE                                                                   \
-  "(Tensor student, Tensor teacher, Tensor? labels, Tensor? mask, Tensor? normalizer, "           \
+// kd_loss_<backend>_inplace(...): the same, but the student gradient is written over the student
+//   logits (which it destroys) and grad_student comes back empty.
+#define KDCORE_KD_LOSS_ARGUMENTS                                                                    \
+  "Tensor teacher, Tensor? labels, Tensor? mask, Tensor? normalizer, "                             \
   "float temperature, int divergence, float mix, bool t2_scale, float kd_weight, float ce_weight, " \
   "int ignore_index, int reduction, bool student_grad, bool teacher_grad) -> (Tensor, Tensor, Tensor)"
+#define KDCORE_KD_LOSS_SIGNATURE "(Tensor student, " KDCORE_KD_LOSS_ARGUMENTS
+#define KDCORE_KD_LOSS_INPLACE_SIGNATURE "(Tensor(a!) student, " KDCORE_KD_LOSS_ARGUMENTS
 
 TORCH_LIBRARY(kdcore, m) {
   m.def("kd_loss_cpp" KDCORE_KD_LOSS_SIGNATURE);
+  m.def("kd_loss_cpp_inplace" KDCORE_KD_LOSS_INPLACE_SIGNATURE);
 #ifdef KDCORE_WITH_CUDA
   m.def("kd_loss_cuda" KDCORE_KD_LOSS_SIGNATURE);
+  m.def("kd_loss_cuda_inplace" KDCORE_KD_LOSS_INPLACE_SIGNATURE);
 #endif
 }
 
@@ -28,4 +34,5 @@ TORCH_LIBRARY(kdcore, m) {
 
 KDCORE_PYTHON_MODULE("kdcore's compiled operators (schemas; CUDA kernels when built with CUDA)",
                      PyModule_AddIntConstant(module, "with_cuda", KDCORE_BUILT_WITH_CUDA);
-                     PyModule_AddStringConstant(module, "kd_loss_signature", KDCORE_KD_LOSS_SIGNATURE))
+                     PyModule_AddStringConstant(module, "kd_loss_signature", KDCORE_KD_LOSS_SIGNATURE);
+                     PyModule_AddStringConstant(module, "kd_loss_inplace_signature", KDCORE_KD_LOSS_INPLACE_SIGNATURE))

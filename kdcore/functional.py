@@ -9,7 +9,8 @@ import torch
 from kdcore import _checks
 from kdcore import plugins
 from kdcore.divergences import DIVERGENCES, REDUCTIONS, REDUCTION_NONE
-from kdcore.ops.kd_loss import loss_dtype
+from kdcore.ops import gpu_choice
+from kdcore.ops.kd_loss import InplaceKdLoss, loss_dtype
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,7 @@ def kd_loss(
     reduction: str = "batchmean",
     normalizer: float | torch.Tensor | None = None,
     vocab_size: int | None = None,
+    inplace_grad: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Distillation loss between student and teacher logits of shape ``[..., V]``.
@@ -159,6 +161,13 @@ def kd_loss(
     and the rest count as ``-inf``.
 
     Gradients flow to the student, and to the teacher when it requires grad (mutual learning).
+    ``inplace_grad=True`` writes the student gradient over ``student_logits`` during this call,
+    **destroying the logits**, and backward hands that buffer out as their gradient: no ``[N, V]``
+    tensor is allocated at all. ``student_logits`` must be the output of a differentiable
+    computation (e.g. an LM head), flatten to rows without a copy, use its whole vocabulary, and
+    not be read again (autograd raises if another operation saved it); backward runs once.
+    Eager mode only (under ``torch.compile`` the compiler plans buffers). Without a student
+    gradient to compute (no grad mode, or a student that does not require grad) nothing is written.
     ``backend`` names a backend from ``kdcore.backends()``, or ``"auto"`` for the best available
     one for the tensors' device. The loss is float32 (float64 for float64 logits).
     """
@@ -170,14 +179,42 @@ def kd_loss(
     labels, mask, normalizer = row_arguments(fn, student, leading, labels, mask, normalizer, options)
     if not isinstance(backend, str):
         raise TypeError(f"{fn}: backend must be a backend name or 'auto', got {type(backend).__name__}")
-    op = _op(resolve_op_name("kd_loss", backend, student.device.type, fn))
+    inplace_grad = _checks.boolean(fn, "inplace_grad", inplace_grad)
+    if backend == "auto" and student.device.type == "cuda":
+        backend = gpu_choice.fastest(student.dtype, options.divergence, student.shape[1])
     grad_enabled = torch.is_grad_enabled()
-    loss, _, _ = op(
-        student, teacher, labels, mask, normalizer, options.temperature, options.divergence, options.mix,
-        options.t2_scale, options.kd_weight, options.ce_weight, options.ignore_index, options.reduction,
-        grad_enabled and student.requires_grad, grad_enabled and teacher.requires_grad,
-    )
+    student_grad, teacher_grad = grad_enabled and student.requires_grad, grad_enabled and teacher.requires_grad
+    scalars = (options.temperature, options.divergence, options.mix, options.t2_scale, options.kd_weight,
+               options.ce_weight, options.ignore_index, options.reduction)
+    if inplace_grad and student_grad:
+        _check_inplace_target(fn, student_logits, student, teacher)
+        op = _op(resolve_op_name("kd_loss_inplace", backend, student.device.type, fn))
+        loss = InplaceKdLoss.apply(op, student, teacher, labels, mask, normalizer, *scalars, teacher_grad)
+    else:
+        op = _op(resolve_op_name("kd_loss", backend, student.device.type, fn))
+        loss, _, _ = op(student, teacher, labels, mask, normalizer, *scalars, student_grad, teacher_grad)
     return loss.reshape(leading) if options.reduction == REDUCTION_NONE else loss
+
+
+def _check_inplace_target(fn: str, student_logits: torch.Tensor, rows: torch.Tensor, teacher: torch.Tensor) -> None:
+    """inplace_grad=True writes the gradient over the rows the kernel reads: they must be the
+    user's buffer itself, not a copy, and nothing else may live in it."""
+    if torch.compiler.is_compiling():
+        raise ValueError(f"{fn}: inplace_grad=True is an eager-mode memory saving; leave it False under "
+                         "torch.compile, which plans the gradient buffer itself")
+    if student_logits.is_leaf:
+        raise ValueError(f"{fn}: inplace_grad=True overwrites student_logits, so they must be the output of a "
+                         "differentiable computation (e.g. an LM head), not a leaf tensor")
+    if rows.shape[1] != student_logits.shape[-1]:
+        raise ValueError(f"{fn}: inplace_grad=True needs the student's whole vocabulary (vocab_size="
+                         f"{rows.shape[1]} < {student_logits.shape[-1]} columns)")
+    if rows.data_ptr() != student_logits.data_ptr() or rows.untyped_storage().data_ptr() != \
+            student_logits.untyped_storage().data_ptr():
+        raise ValueError(f"{fn}: inplace_grad=True needs student_logits that flatten to [N, V] rows without a copy "
+                         f"(unit stride along the vocabulary); got strides {tuple(student_logits.stride())}")
+    if teacher.untyped_storage().data_ptr() == rows.untyped_storage().data_ptr():
+        raise ValueError(f"{fn}: inplace_grad=True would overwrite the teacher logits too: they share "
+                         "student_logits' memory")
 
 
 @torch.compiler.assume_constant_result

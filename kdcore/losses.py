@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kdcore import _checks
 from kdcore.functional import kd_loss, loss_options
 
 
@@ -26,15 +27,18 @@ class KDLoss(nn.Module):
         kd_weight: float = 1.0,
         reduction: str = "batchmean",
         vocab_size: int | None = None,
+        inplace_grad: bool = False,
         backend: str = "auto",
     ) -> None:
         super().__init__()
         loss_options("KDLoss", divergence=divergence, temperature=temperature, beta=beta, alpha=alpha,
                      t2_scale=t2_scale, kd_weight=kd_weight, ce_weight=ce_weight, ignore_index=ignore_index,
                      reduction=reduction)
+        _checks.boolean("KDLoss", "inplace_grad", inplace_grad)
         self.options = dict(divergence=divergence, temperature=temperature, beta=beta, alpha=alpha,
                             t2_scale=t2_scale, ignore_index=ignore_index, ce_weight=ce_weight,
-                            kd_weight=kd_weight, reduction=reduction, vocab_size=vocab_size, backend=backend)
+                            kd_weight=kd_weight, reduction=reduction, vocab_size=vocab_size, inplace_grad=inplace_grad,
+                            backend=backend)
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels=None, mask=None,
                 normalizer=None) -> torch.Tensor:

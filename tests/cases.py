@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from conftest import TEST_DEVICE
 from oracle import oracle_with_grads
 
 ALL_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_rkl", "tvd")
@@ -28,9 +29,16 @@ class Case:
     options: dict = field(default_factory=dict)
 
     def make(self, seed: int = 0):
+        """The case's tensors on the test device (built on the CPU, so seeds give the same values)."""
         gen = torch.Generator().manual_seed(seed)
-        student, teacher, extra = self.build(gen)
-        return student, teacher, {**self.options, **extra}
+        with torch.device("cpu"):
+            student, teacher, extra = self.build(gen)
+
+        def on_device(x):
+            return x.to(TEST_DEVICE) if isinstance(x, torch.Tensor) else x
+
+        options = {key: on_device(value) for key, value in {**self.options, **extra}.items()}
+        return on_device(student), on_device(teacher), options
 
 
 def _randn(gen, *shape, scale=2.0):

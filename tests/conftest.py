@@ -1,6 +1,8 @@
-"""Shared fixtures: the backends under test are every available backend that runs on CPU tensors
-(so a new backend gets the whole suite by registering itself).
+"""Shared fixtures: the backends under test are every available backend that runs on the test
+device (so a new backend gets the whole suite by registering itself).
 
+The test device is the CPU, or what ``KDCORE_TEST_DEVICE`` names (``KDCORE_TEST_DEVICE=cuda`` runs
+the suite on a GPU: tensors are created there and the CUDA backends are the ones under test).
 Without a CUDA device the Triton kernels run through Triton's interpreter on CPU tensors
 (``TRITON_INTERPRET=1``, set here before kdcore imports Triton), so they face the same cases.
 """
@@ -14,17 +16,21 @@ from pathlib import Path
 import pytest
 import torch
 
-if not torch.cuda.is_available():
+TEST_DEVICE = os.environ.get("KDCORE_TEST_DEVICE", "cpu")
+if TEST_DEVICE == "cpu" and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if TEST_DEVICE != "cpu":
+    torch.set_default_device(TEST_DEVICE)
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 import kdcore  # noqa: E402
 
 
-def cpu_backends() -> list[str]:
+def device_backends() -> list[str]:
+    device_type = torch.device(TEST_DEVICE).type
     return [name for name, status in kdcore.backends().items()
-            if status.available and ("cpu" in status.devices or "*" in status.devices)]
+            if status.available and (device_type in status.devices or "*" in status.devices)]
 
 
 @pytest.fixture(autouse=True)

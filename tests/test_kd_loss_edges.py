@@ -8,10 +8,10 @@ import torch
 
 import kdcore
 from cases import ALL_DIVERGENCES
-from conftest import cpu_backends
+from conftest import device_backends
 from oracle import oracle_loss, trl_generalized_jsd
 
-backends = pytest.mark.parametrize("backend", cpu_backends())
+backends = pytest.mark.parametrize("backend", device_backends())
 divergences = pytest.mark.parametrize("divergence", ALL_DIVERGENCES)
 
 

@@ -7,12 +7,12 @@ import torch
 
 import kdcore
 from cases import ALL_DIVERGENCES, CASES, DTYPE_CASES, check_backend_on_case
-from conftest import cpu_backends
+from conftest import device_backends
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 @pytest.mark.parametrize("divergence", ALL_DIVERGENCES)
-@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("backend", device_backends())
 def test_float32_matches_float64_oracle(backend, divergence, case):
     check_backend_on_case(kdcore.kd_loss, backend, case, divergence, torch.float32)
 
@@ -20,7 +20,7 @@ def test_float32_matches_float64_oracle(backend, divergence, case):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", DTYPE_CASES, ids=lambda c: c.name)
 @pytest.mark.parametrize("divergence", ALL_DIVERGENCES)
-@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("backend", device_backends())
 def test_half_precision_within_twice_torch_error(backend, divergence, case, dtype):
     check_backend_on_case(kdcore.kd_loss, backend, case, divergence, dtype)
 
@@ -28,12 +28,12 @@ def test_half_precision_within_twice_torch_error(backend, divergence, case, dtyp
 @pytest.mark.parametrize("case", [c for c in CASES if c.name in {"basic", "labels_ce", "multi_tile"}],
                          ids=lambda c: c.name)
 @pytest.mark.parametrize("divergence", ALL_DIVERGENCES)
-@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("backend", device_backends())
 def test_float64_matches_float64_oracle(backend, divergence, case):
     check_backend_on_case(kdcore.kd_loss, backend, case, divergence, torch.float64)
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("backend", device_backends())
 def test_mixed_dtypes_bf16_student_fp32_teacher(backend):
     student32, teacher32, _ = CASES[0].make()
     s = student32.to(torch.bfloat16).requires_grad_(True)

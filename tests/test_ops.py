@@ -13,15 +13,15 @@ import torch
 import kdcore
 from kdcore import _ext
 from kdcore.divergences import DIVERGENCES, REDUCTIONS
-from kdcore.ops.kd_loss import KD_LOSS_SIGNATURE
+from kdcore.ops.kd_loss import KD_LOSS_INPLACE_SIGNATURE, KD_LOSS_SIGNATURE
 from cases import ALL_DIVERGENCES
-from conftest import cpu_backends
+from conftest import device_backends
 
 
 
-def _op(backend):
-    """The backend's kd_loss op, as registered by its plugin."""
-    namespace, _, name = kdcore.plugins.host().backends.get(backend).ops["kd_loss"].partition("::")
+def _op(backend, family="kd_loss"):
+    """The backend's op for an op family, as registered by its plugin."""
+    namespace, _, name = kdcore.plugins.host().backends.get(backend).ops[family].partition("::")
     return getattr(getattr(torch.ops, namespace), name)
 
 
@@ -44,15 +44,25 @@ def _samples():
     yield _op_args(torch.randn(7, 1), torch.randn(7, 1), divergence="forward_kl")
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("backend", device_backends())
 def test_opcheck(backend):
     op = _op(backend)
     for args in _samples():
         torch.library.opcheck(op, args)
 
 
+@pytest.mark.parametrize("backend", device_backends())
+def test_opcheck_inplace(backend):
+    """The in-place ops declare their mutation of the student (autograd is kdcore.functional's)."""
+    op = _op(backend, "kd_loss_inplace")
+    for args in _samples():
+        student = args[0].detach().clone()
+        args = (student, args[1].detach()) + args[2:13] + (True, False)
+        torch.library.opcheck(op, args)
+
+
 @pytest.mark.parametrize("divergence", ALL_DIVERGENCES)
-@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("backend", device_backends())
 def test_gradcheck_float64(backend, divergence):
     s = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
     t = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
@@ -70,7 +80,7 @@ def test_gradcheck_float64(backend, divergence):
     assert torch.autograd.gradcheck(rows, (s, t))
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("backend", device_backends())
 @pytest.mark.parametrize("reduction", ["batchmean", "none"])
 def test_compile_fullgraph_matches_eager(backend, reduction):
     def step(student, teacher, labels):
@@ -115,3 +125,4 @@ def test_cpp_schema_matches_python_schema():
     from kdcore import _C
 
     assert _C.kd_loss_signature == KD_LOSS_SIGNATURE
+    assert _C.kd_loss_inplace_signature == KD_LOSS_INPLACE_SIGNATURE

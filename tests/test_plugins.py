@@ -76,7 +76,7 @@ def test_builtins_load_through_kdcores_entry_points():
     for name, module in plugins.BUILTIN_PLUGINS:
         info = found[name]
         assert (info.builtin, info.package, info.module, info.status) == (True, "kdcore", module, "loaded")
-    assert found["kdcore.backends"].registers["backends"] == ["cpp", "triton", "reference"]
+    assert found["kdcore.backends"].registers["backends"] == ["cuda", "cpp", "triton", "reference"]
     assert set(found["kdcore.losses"].registers["losses"]) == set(kdcore.DIVERGENCES)
 
 

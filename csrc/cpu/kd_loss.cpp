@@ -264,6 +264,7 @@ struct Problem {
   acc_t* row_loss = nullptr;        // [N]
   int64_t n_rows = 0, vocab = 0;
   KdLossOptions opt{};
+  bool inplace = false;    // grad_student is the student logits (kd_loss_cpp_inplace)
   double row_scale = 1.0;  // gradient factor: 1 / divisor for 'batchmean', else 1
   // the first failing row and why, raised after the parallel loop
   std::mutex error_mutex;
@@ -391,14 +392,13 @@ class RowKernel {
     JacobianSums<double> sums = kl_jacobian_sums(D, st.d);
     if constexpr (Traits::kNeedsRowSums) sums = row_sums(row, scratch, st);
     const LossScales<double> scales = loss_scales(o.temperature, o.t2_scale, o.kd_weight);
-    if (o.student_grad || o.teacher_grad) gradients(row, scratch, st, sums, scales, label);
-
     double loss = scales.kd_loss * st.d;
-    if (o.ce_weight != 0.0) {
+    if (o.ce_weight != 0.0) {  // before the gradients, which may overwrite the logits (in place)
       alignas(64) acc_t logit[V::size()];
       const acc_t* loaded = pb_.student.load(pb_.student.at(row, label), 1, logit);
       loss += o.ce_weight * ((st.max_1 - static_cast<double>(loaded[0])) + st.log_sum_1);
     }
+    if (o.student_grad || o.teacher_grad) gradients(row, scratch, st, sums, scales, label);
     pb_.row_loss[row] = static_cast<acc_t>(loss);
   }
 
@@ -408,6 +408,11 @@ class RowKernel {
     for (int64_t start = 0; start < pb_.vocab; start += kTile) {
       const int64_t n = std::min(kTile, pb_.vocab - start);
       const acc_t* s = load_logits ? pb_.student.load(pb_.student.at(row, start), n, scratch.student) : nullptr;
+      if (pb_.inplace && s != nullptr && s != scratch.student) {
+        // the tile's gradient is written over these logits while they are still read: copy them
+        std::copy(s, s + padded<acc_t>(n), scratch.student);
+        s = scratch.student;
+      }
       const acc_t* t = load_logits ? pb_.teacher.load(pb_.teacher.at(row, start), n, scratch.teacher) : nullptr;
       body(start, n, padded<acc_t>(n), s, t);
     }
@@ -727,38 +732,34 @@ void compute(Problem<acc_t>& pb, const at::Tensor& student, const at::Tensor& te
   if (pb.opt.student_grad) pb.grad_student = make_row_tensor<acc_t>(grad_s);
   if (pb.opt.teacher_grad) pb.grad_teacher = make_row_tensor<acc_t>(grad_t);
   dispatch_divergence(pb);
-  if (pb.error == RowError::AllMasked) {
-    TORCH_CHECK_VALUE(false, "kd_loss: row ", pb.error_row,
-                      " of the logits is entirely -inf in the student or the teacher; every kept row needs a "
-                      "finite logit (mark the row ignored with labels=ignore_index or mask=False)");
-  }
+  if (pb.error == RowError::AllMasked) raise_all_neg_inf(pb.error_row);
   if (pb.error == RowError::LabelOutOfRange) {
-    const int64_t row = pb.error_row;
-    TORCH_CHECK_VALUE(false, "kd_loss: labels[", row, "] = ", pb.labels[row], " is outside [0, ", pb.vocab,
-                      ") and is not ignore_index (", pb.opt.ignore_index, ")");
+    raise_label_out_of_range(pb.error_row, pb.labels[pb.error_row], pb.vocab, pb.opt.ignore_index);
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_cpu(
-    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
-    const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& normalizer, double temperature,
-    int64_t divergence, double mix, bool t2_scale, double kd_weight, double ce_weight, int64_t ignore_index,
-    int64_t reduction, bool student_grad, bool teacher_grad) {
-  const KdLossOptions opt = make_options(divergence, temperature, mix, t2_scale, kd_weight, ce_weight,
-                                         ignore_index, reduction, student_grad, teacher_grad);
-  check_inputs("kd_loss_cpp", student, teacher, labels, mask, normalizer, opt);
-  TORCH_CHECK_VALUE(student.device().is_cpu(), "kd_loss_cpp: runs on CPU tensors, got ", student.device());
+// kd_loss_cpp, or with `inplace` kd_loss_cpp_inplace: the student gradient written over the
+// student logits (each tile's logits are read, or copied, before its gradient is written).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run(const char* op, const at::Tensor& student, const at::Tensor& teacher,
+                                                   const std::optional<at::Tensor>& labels,
+                                                   const std::optional<at::Tensor>& mask,
+                                                   const std::optional<at::Tensor>& normalizer, const KdLossOptions& opt,
+                                                   bool inplace) {
+  const bool student_grad = opt.student_grad, teacher_grad = opt.teacher_grad;
+  check_inputs(op, student, teacher, labels, mask, normalizer, opt);
+  TORCH_CHECK_VALUE(student.device().is_cpu(), op, ": runs on CPU tensors, got ", student.device());
   const int64_t n = student.size(0), v = student.size(1);
   const auto loss_opts = student.options().dtype(loss_dtype(student));
   at::Tensor row_loss = at::empty({n}, loss_opts);
-  at::Tensor grad_s = at::empty(student_grad ? at::IntArrayRef{n, v} : at::IntArrayRef{0}, student.options());
+  const bool own_grad = student_grad && !inplace;
+  at::Tensor grad_s = at::empty(own_grad ? at::IntArrayRef{n, v} : at::IntArrayRef{0}, student.options());
   at::Tensor grad_t = at::empty(teacher_grad ? at::IntArrayRef{n, v} : at::IntArrayRef{0}, teacher.options());
   advise_huge_pages(grad_s);
   advise_huge_pages(grad_t);
   at::Tensor labels_c = labels.has_value() ? labels->contiguous() : at::Tensor();
   at::Tensor mask_c = mask.has_value() ? mask->contiguous() : at::Tensor();
   const at::Tensor divisor =
-      loss_divisor(kept_rows(labels, mask, ignore_index), n, normalizer, opt.reduction, loss_opts);
+      loss_divisor(kept_rows(labels, mask, opt.ignore_index), n, normalizer, opt.reduction, loss_opts);
   if (n > 0) {
     const double row_scale = 1.0 / divisor.item<double>();
     auto fill = [&](auto& pb) {
@@ -768,28 +769,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_cpu(
       pb.labels = labels_c.defined() ? labels_c.data_ptr<int64_t>() : nullptr;
       pb.mask = mask_c.defined() ? mask_c.data_ptr<bool>() : nullptr;
       pb.row_scale = row_scale;
+      pb.inplace = inplace;
     };
     if (student.scalar_type() == at::kDouble) {
       Problem<double> pb;
       fill(pb);
       pb.row_loss = row_loss.data_ptr<double>();
-      compute(pb, student, teacher, grad_s, grad_t);
+      compute(pb, student, teacher, inplace ? student : grad_s, grad_t);
     } else {
       Problem<float> pb;
       fill(pb);
       pb.row_loss = row_loss.data_ptr<float>();
-      compute(pb, student, teacher, grad_s, grad_t);
+      compute(pb, student, teacher, inplace ? student : grad_s, grad_t);
     }
   }
   at::Tensor loss = opt.reduction == Reduction::None ? row_loss : row_loss.sum().div(divisor);
   return {loss, grad_s, grad_t};
 }
 
+KDCORE_DEFINE_KD_LOSS_OP(kd_loss_cpp, run, false)
+KDCORE_DEFINE_KD_LOSS_OP(kd_loss_cpp_inplace, run, true)
+
 }  // namespace
 }  // namespace cpu
 }  // namespace kdcore
 
-TORCH_LIBRARY_IMPL(kdcore, CPU, m) { m.impl("kd_loss_cpp", &kdcore::cpu::kd_loss_cpu); }
+TORCH_LIBRARY_IMPL(kdcore, CPU, m) {
+  m.impl("kd_loss_cpp", &kdcore::cpu::kd_loss_cpp);
+  m.impl("kd_loss_cpp_inplace", &kdcore::cpu::kd_loss_cpp_inplace);
+}
 
 KDCORE_PYTHON_MODULE("kdcore's CPU kernels for one instruction set",
                      PyModule_AddStringConstant(module, "capability", KDCORE_STRINGIFY(CPU_CAPABILITY)))

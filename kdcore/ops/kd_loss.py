@@ -15,12 +15,16 @@ import torch
 
 from kdcore.divergences import REDUCTION_NONE, REDUCTIONS
 
-# Arguments, in order; the C++ twin is KDCORE_KD_LOSS_SIGNATURE in csrc/bindings.cpp.
-KD_LOSS_SIGNATURE = (
-    "(Tensor student, Tensor teacher, Tensor? labels, Tensor? mask, Tensor? normalizer, "
+# Arguments, in order; the C++ twins are in csrc/bindings.cpp. The in-place variant
+# (kd_loss_<backend>_inplace) writes the student gradient over the student logits and returns an
+# empty grad_student; it has no autograd formula of its own (kdcore.functional wraps it).
+_ARGUMENTS = (
+    "Tensor teacher, Tensor? labels, Tensor? mask, Tensor? normalizer, "
     "float temperature, int divergence, float mix, bool t2_scale, float kd_weight, float ce_weight, "
     "int ignore_index, int reduction, bool student_grad, bool teacher_grad) -> (Tensor, Tensor, Tensor)"
 )
+KD_LOSS_SIGNATURE = "(Tensor student, " + _ARGUMENTS
+KD_LOSS_INPLACE_SIGNATURE = "(Tensor(a!) student, " + _ARGUMENTS
 _NUM_ARGS = 15
 _STUDENT_GRAD, _TEACHER_GRAD, _REDUCTION = 13, 14, 12
 
@@ -85,6 +89,11 @@ def _fake(student, teacher, labels, mask, normalizer, temperature, divergence, m
     return empty_outputs(student, teacher, reduction, student_grad, teacher_grad)
 
 
+def _fake_inplace(student, teacher, labels, mask, normalizer, temperature, divergence, mix, t2_scale, kd_weight,
+                  ce_weight, ignore_index, reduction, student_grad, teacher_grad):
+    return empty_outputs(student, teacher, reduction, False, teacher_grad)
+
+
 def _setup_context(ctx, inputs, output):
     _, grad_student, grad_teacher = output
     ctx.mark_non_differentiable(grad_student, grad_teacher)
@@ -137,3 +146,44 @@ def register_kd_loss_op(qualname: str) -> None:
     """Gives a kd_loss op (already defined with KD_LOSS_SIGNATURE) its fake and autograd."""
     torch.library.register_fake(qualname, _fake)
     torch.library.register_autograd(qualname, _backward, setup_context=_setup_context)
+
+
+def register_kd_loss_inplace_op(qualname: str) -> None:
+    """Gives an in-place kd_loss op (defined with KD_LOSS_INPLACE_SIGNATURE) its fake."""
+    torch.library.register_fake(qualname, _fake_inplace)
+
+
+class InplaceKdLoss(torch.autograd.Function):
+    """Autograd of the in-place ops (``kd_loss(..., inplace_grad=True)``): forward runs
+    ``kd_loss_<backend>_inplace``, which leaves dLoss/dstudent in the student logits' buffer, and
+    backward hands that buffer out (scaled in place by the upstream gradient), so no ``[N, V]``
+    tensor is allocated at all.
+
+    The student logits' version counter is bumped, so autograd refuses a backward through any
+    other operation that saved them (it would read gradients instead of logits). Backward can run
+    only once: the buffer is the gradient it returned.
+    """
+
+    @staticmethod
+    def forward(ctx, op, student, teacher, labels, mask, normalizer, temperature, divergence, mix, t2_scale,
+                kd_weight, ce_weight, ignore_index, reduction, teacher_grad):
+        loss, _, grad_teacher = op(student, teacher, labels, mask, normalizer, temperature, divergence, mix,
+                                   t2_scale, kd_weight, ce_weight, ignore_index, reduction, True, teacher_grad)
+        torch.autograd.graph.increment_version(student)
+        ctx.set_materialize_grads(False)
+        ctx.grads = (student, grad_teacher if teacher_grad else None)
+        ctx.rowwise = reduction == REDUCTION_NONE
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        nothing = (None,) * 12  # labels ... teacher_grad
+        if grad_loss is None:
+            return (None, None, None) + nothing
+        if ctx.grads is None:
+            raise RuntimeError("kd_loss(inplace_grad=True): backward can run only once; the student gradient lives in "
+                               "the student logits' buffer and the first backward already handed it out")
+        grad_student, grad_teacher = ctx.grads
+        ctx.grads = None
+        out_teacher = _scaled(grad_teacher, grad_loss, ctx.rowwise, True) if grad_teacher is not None else None
+        return (None, _scaled(grad_student, grad_loss, ctx.rowwise, True), out_teacher) + nothing  # op first

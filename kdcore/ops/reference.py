@@ -14,6 +14,7 @@ import torch
 
 from kdcore.divergences import DIVERGENCES
 from kdcore.ops.kd_loss import (
+    KD_LOSS_INPLACE_SIGNATURE,
     KD_LOSS_SIGNATURE,
     all_neg_inf_error,
     empty_outputs,
@@ -115,14 +116,17 @@ def _finish_rows(grad, kept, bad, row_scale):
     return grad.masked_fill((bad & kept).unsqueeze(1), torch.nan)
 
 
-def kd_loss_reference(student, teacher, labels, mask, normalizer, temperature, divergence, mix, t2_scale,
-                      kd_weight, ce_weight, ignore_index, reduction, student_grad, teacher_grad):
+def _kd_loss_reference(student, teacher, labels, mask, normalizer, temperature, divergence, mix, t2_scale,
+                       kd_weight, ce_weight, ignore_index, reduction, student_grad, teacher_grad, *, inplace: bool):
     if student.dim() != 2 or student.shape != teacher.shape:
         raise ValueError(f"kd_loss_reference: expected two [N, V] logits, got {tuple(student.shape)} "
                          f"and {tuple(teacher.shape)}")
     n, v = student.shape
     acc = loss_dtype(student)
-    loss, grad_student, grad_teacher = empty_outputs(student, teacher, reduction, student_grad, teacher_grad)
+    loss, grad_student, grad_teacher = empty_outputs(student, teacher, reduction, student_grad and not inplace,
+                                                     teacher_grad)
+    # in place, a chunk's gradient replaces its logits once everything read from them is computed
+    student_grad_out = student if inplace else grad_student
     kept = kept_rows(n, labels, mask, ignore_index, student.device)
     divisor = reduction_divisor(kept, normalizer, reduction, acc)
     row_scale = 1 / divisor
@@ -149,7 +153,7 @@ def kd_loss_reference(student, teacher, labels, mask, normalizer, temperature, d
             g = kd_grad_scale * grad_wrt_student(divergence, q, p, gq, qgq)
             if ce_weight != 0:
                 g = g + ce_weight * (torch.softmax(s, -1) - torch.zeros_like(s).scatter_(1, safe_labels, 1.0))
-            grad_student[rows] = _finish_rows(g, k, bad, row_scale).to(student.dtype)
+            student_grad_out[rows] = _finish_rows(g, k, bad, row_scale).to(student.dtype)
         if teacher_grad:
             g = kd_grad_scale * grad_wrt_teacher(divergence, q, p, gp, pgp)
             grad_teacher[rows] = _finish_rows(g, k, bad, row_scale).to(teacher.dtype)
@@ -157,5 +161,16 @@ def kd_loss_reference(student, teacher, labels, mask, normalizer, temperature, d
     return loss, grad_student, grad_teacher
 
 
+def kd_loss_reference(*args):
+    return _kd_loss_reference(*args, inplace=False)
+
+
+def kd_loss_reference_inplace(*args):
+    return _kd_loss_reference(*args, inplace=True)
+
+
 QUALNAME = "kdcore::kd_loss_reference"
+INPLACE_QUALNAME = "kdcore::kd_loss_reference_inplace"
 torch.library.custom_op(QUALNAME, kd_loss_reference, mutates_args=(), schema=KD_LOSS_SIGNATURE)
+torch.library.custom_op(INPLACE_QUALNAME, kd_loss_reference_inplace, mutates_args=("student",),
+                        schema=KD_LOSS_INPLACE_SIGNATURE)

@@ -9,8 +9,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <optional>
+#include <tuple>
 
 #include "kdcore/divergence.h"
 
@@ -109,5 +111,33 @@ inline at::Tensor loss_divisor(const at::Tensor& kept, int64_t n_rows, const std
 inline at::ScalarType loss_dtype(const at::Tensor& student) {
   return student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
+
+// The errors a kernel finds in a row (the Python backends raise the same messages).
+[[noreturn]] inline void raise_all_neg_inf(int64_t row) {
+  TORCH_CHECK_VALUE(false, "kd_loss: row ", row,
+                    " of the logits is entirely -inf in the student or the teacher; every kept row needs a "
+                    "finite logit (mark the row ignored with labels=ignore_index or mask=False)");
+  std::abort();  // unreachable: TORCH_CHECK_VALUE(false, ...) throws
+}
+
+[[noreturn]] inline void raise_label_out_of_range(int64_t row, int64_t label, int64_t vocab, int64_t ignore_index) {
+  TORCH_CHECK_VALUE(false, "kd_loss: labels[", row, "] = ", label, " is outside [0, ", vocab,
+                    ") and is not ignore_index (", ignore_index, ")");
+  std::abort();
+}
+
+// Defines the op function `name` with the C++ signature of the kd_loss schema, forwarding to
+//   run(const char* op, student, teacher, labels, mask, normalizer, const KdLossOptions&, bool inplace)
+// -- one definition for each op and its in-place twin, on every device.
+#define KDCORE_DEFINE_KD_LOSS_OP(name, run, inplace)                                                                   \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> name(                                                                 \
+      const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,                   \
+      const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& normalizer, double temperature,          \
+      int64_t divergence, double mix, bool t2_scale, double kd_weight, double ce_weight, int64_t ignore_index,         \
+      int64_t reduction, bool student_grad, bool teacher_grad) {                                                       \
+    const KdLossOptions opt = make_options(divergence, temperature, mix, t2_scale, kd_weight, ce_weight, ignore_index, \
+                                           reduction, student_grad, teacher_grad);                                     \
+    return run(#name, student, teacher, labels, mask, normalizer, opt, inplace);                                      \
+  }
 
 }  // namespace kdcore

@@ -13,6 +13,7 @@ import os
 import torch
 
 from kdcore.ops.kd_loss import (
+    KD_LOSS_INPLACE_SIGNATURE,
     KD_LOSS_SIGNATURE,
     all_neg_inf_error,
     empty_outputs,
@@ -25,6 +26,7 @@ from kdcore.ops.kd_loss import (
 )
 
 QUALNAME = "kdcore::kd_loss_triton"
+INPLACE_QUALNAME = "kdcore::kd_loss_triton_inplace"
 
 
 def interpreted() -> bool:
@@ -46,8 +48,8 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def kd_loss_triton(student, teacher, labels, mask, normalizer, temperature, divergence, mix, t2_scale, kd_weight,
-                   ce_weight, ignore_index, reduction, student_grad, teacher_grad):
+def _kd_loss_triton(student, teacher, labels, mask, normalizer, temperature, divergence, mix, t2_scale, kd_weight,
+                    ce_weight, ignore_index, reduction, student_grad, teacher_grad, *, inplace: bool):
     from kdcore.ops.triton import kd_loss as kernels
 
     if student.dim() != 2 or student.shape != teacher.shape:
@@ -56,9 +58,12 @@ def kd_loss_triton(student, teacher, labels, mask, normalizer, temperature, dive
     if student.device.type != ("cpu" if interpreted() else "cuda"):
         raise ValueError(f"kd_loss_triton: runs on {devices()[0]} tensors here, got {student.device.type}")
     n, v = student.shape
+    if inplace and v > 1 and student.stride(1) != 1:
+        raise ValueError("kd_loss_triton_inplace: the student logits must have unit stride along the vocabulary")
     acc = loss_dtype(student)
     student, teacher = (x if v <= 1 or x.stride(1) == 1 else x.contiguous() for x in (student, teacher))
-    loss, grad_student, grad_teacher = empty_outputs(student, teacher, reduction, student_grad, teacher_grad)
+    loss, grad_student, grad_teacher = empty_outputs(student, teacher, reduction, student_grad and not inplace,
+                                                     teacher_grad)
     kept = kept_rows(n, labels, mask, ignore_index, student.device)
     divisor = reduction_divisor(kept, normalizer, reduction, acc).contiguous()
     row_loss = torch.zeros(n, dtype=acc, device=student.device)
@@ -66,7 +71,7 @@ def kd_loss_triton(student, teacher, labels, mask, normalizer, temperature, dive
     if n > 0:
         kd_loss_scale, kd_grad_scale = kd_scales(temperature, t2_scale, kd_weight)
         kernels.launch(
-            student, teacher, grad_student, grad_teacher,
+            student, teacher, student if inplace and student_grad else grad_student, grad_teacher,
             labels.contiguous() if labels is not None else None, mask.contiguous() if mask is not None else None,
             divisor, row_loss, status, temperature=temperature, divergence=divergence, mix=mix,
             kd_loss_scale=kd_loss_scale, kd_grad_scale=kd_grad_scale,
@@ -75,6 +80,14 @@ def kd_loss_triton(student, teacher, labels, mask, normalizer, temperature, dive
         _raise_for_status(status, labels, v)
     reduce_rows(loss, row_loss, divisor, reduction)
     return loss, grad_student, grad_teacher
+
+
+def kd_loss_triton(*args):
+    return _kd_loss_triton(*args, inplace=False)
+
+
+def kd_loss_triton_inplace(*args):
+    return _kd_loss_triton(*args, inplace=True)
 
 
 def _raise_for_status(status: torch.Tensor, labels, vocab: int) -> None:
@@ -92,3 +105,5 @@ def _raise_for_status(status: torch.Tensor, labels, vocab: int) -> None:
 
 
 torch.library.custom_op(QUALNAME, kd_loss_triton, mutates_args=(), schema=KD_LOSS_SIGNATURE)
+torch.library.custom_op(INPLACE_QUALNAME, kd_loss_triton_inplace, mutates_args=("student",),
+                        schema=KD_LOSS_INPLACE_SIGNATURE)

@@ -254,6 +254,8 @@ def kd_loss_kernel(
         status = tl.zeros([], tl.int32)
         if HAS_CE:
             status = tl.where((label < 0) | (label >= n_cols), 2, status)
+            # read before the gradient sweep, which may write over the student logits (in place)
+            z_label = tl.load(S + s_row + tl.minimum(tl.maximum(label, 0), n_cols - 1)).to(ACC)
         neg_inf = tl.full([], float("-inf"), ACC)
         zero = tl.zeros([], ACC)
         zero64 = tl.zeros([], tl.float64)
@@ -317,8 +319,6 @@ def kd_loss_kernel(
                 div = div_again.to(ACC)
         loss = kd_loss_scale * div
         if HAS_CE:
-            safe_label = tl.minimum(tl.maximum(label, 0), n_cols - 1)
-            z_label = tl.load(S + s_row + safe_label).to(ACC)
             loss += ce_weight * (m_z + ls_z - z_label)
         loss = tl.where(bad != 0, float("nan"), loss)
         tl.store(ROW_LOSS + row, loss)
