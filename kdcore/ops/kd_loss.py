@@ -171,7 +171,7 @@ class InplaceKdLoss(torch.autograd.Function):
                                    t2_scale, kd_weight, ce_weight, ignore_index, reduction, True, teacher_grad)
         torch.autograd.graph.increment_version(student)
         ctx.set_materialize_grads(False)
-        ctx.grads = (student, grad_teacher if teacher_grad else None)
+        ctx.grads = (student.detach(), grad_teacher if teacher_grad else None)  # the buffer, outside the graph
         ctx.rowwise = reduction == REDUCTION_NONE
         return loss
 
