@@ -597,16 +597,13 @@ void raise_for_status(const at::Tensor& status, const std::optional<at::Tensor>&
   raise_label_out_of_range(row, (*labels)[row].item<int64_t>(), vocab, ignore_index);
 }
 
+// Runs the kernels on inputs already checked (run_any_dtypes), student and teacher of one dtype.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> run(const char* op, const at::Tensor& student,
                                                    const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
                                                    const std::optional<at::Tensor>& mask,
                                                    const std::optional<at::Tensor>& normalizer, const KdLossOptions& opt,
                                                    bool inplace) {
-  check_inputs(op, student, teacher, labels, mask, normalizer, opt);
   TORCH_CHECK_VALUE(student.is_cuda(), op, ": runs on CUDA tensors, got ", student.device());
-  TORCH_CHECK_VALUE(student.scalar_type() == teacher.scalar_type(), op,
-                    ": student and teacher logits must share a dtype on CUDA, got ", student.scalar_type(), " and ",
-                    teacher.scalar_type());
   const c10::cuda::CUDAGuard guard(student.device());
   const int64_t n = student.size(0), v = student.size(1);
   TORCH_CHECK_VALUE(v < std::numeric_limits<int>::max(), op, ": vocabulary sizes beyond 2^31 are not supported");
@@ -668,8 +665,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_any_dtypes(const char* op, co
                                                               const std::optional<at::Tensor>& mask,
                                                               const std::optional<at::Tensor>& normalizer,
                                                               const KdLossOptions& opt, bool inplace) {
-  if (student.scalar_type() == teacher.scalar_type()) return run(op, student, teacher, labels, mask, normalizer, opt, inplace);
   check_inputs(op, student, teacher, labels, mask, normalizer, opt);
+  if (student.scalar_type() == teacher.scalar_type()) return run(op, student, teacher, labels, mask, normalizer, opt, inplace);
   auto [loss, grad_s, grad_t] =
       run(op, student.to(at::kFloat), teacher.to(at::kFloat), labels, mask, normalizer, opt, false);
   if (grad_t.numel() > 0) grad_t = grad_t.to(teacher.scalar_type());

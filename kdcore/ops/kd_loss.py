@@ -148,6 +148,22 @@ def register_kd_loss_op(qualname: str) -> None:
     torch.library.register_autograd(qualname, _backward, setup_context=_setup_context)
 
 
+def define_kd_loss_ops(qualname: str, impl) -> tuple[str, str]:
+    """Defines a Python backend's op ``qualname`` and its in-place twin ``qualname + "_inplace"``,
+    both running ``impl(*op_arguments, inplace=...)``; returns the two qualified names."""
+
+    def out_of_place(*args):
+        return impl(*args, inplace=False)
+
+    def in_place(*args):
+        return impl(*args, inplace=True)
+
+    inplace_qualname = qualname + "_inplace"
+    torch.library.custom_op(qualname, out_of_place, mutates_args=(), schema=KD_LOSS_SIGNATURE)
+    torch.library.custom_op(inplace_qualname, in_place, mutates_args=("student",), schema=KD_LOSS_INPLACE_SIGNATURE)
+    return qualname, inplace_qualname
+
+
 def register_kd_loss_inplace_op(qualname: str) -> None:
     """Gives an in-place kd_loss op (defined with KD_LOSS_INPLACE_SIGNATURE) its fake."""
     torch.library.register_fake(qualname, _fake_inplace)

@@ -14,9 +14,8 @@ import torch
 
 from kdcore.divergences import DIVERGENCES
 from kdcore.ops.kd_loss import (
-    KD_LOSS_INPLACE_SIGNATURE,
-    KD_LOSS_SIGNATURE,
     all_neg_inf_error,
+    define_kd_loss_ops,
     empty_outputs,
     kd_scales,
     kept_rows,
@@ -161,16 +160,4 @@ def _kd_loss_reference(student, teacher, labels, mask, normalizer, temperature, 
     return loss, grad_student, grad_teacher
 
 
-def kd_loss_reference(*args):
-    return _kd_loss_reference(*args, inplace=False)
-
-
-def kd_loss_reference_inplace(*args):
-    return _kd_loss_reference(*args, inplace=True)
-
-
-QUALNAME = "kdcore::kd_loss_reference"
-INPLACE_QUALNAME = "kdcore::kd_loss_reference_inplace"
-torch.library.custom_op(QUALNAME, kd_loss_reference, mutates_args=(), schema=KD_LOSS_SIGNATURE)
-torch.library.custom_op(INPLACE_QUALNAME, kd_loss_reference_inplace, mutates_args=("student",),
-                        schema=KD_LOSS_INPLACE_SIGNATURE)
+QUALNAME, INPLACE_QUALNAME = define_kd_loss_ops("kdcore::kd_loss_reference", _kd_loss_reference)

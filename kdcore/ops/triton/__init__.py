@@ -13,9 +13,8 @@ import os
 import torch
 
 from kdcore.ops.kd_loss import (
-    KD_LOSS_INPLACE_SIGNATURE,
-    KD_LOSS_SIGNATURE,
     all_neg_inf_error,
+    define_kd_loss_ops,
     empty_outputs,
     kd_scales,
     kept_rows,
@@ -24,9 +23,6 @@ from kdcore.ops.kd_loss import (
     reduce_rows,
     reduction_divisor,
 )
-
-QUALNAME = "kdcore::kd_loss_triton"
-INPLACE_QUALNAME = "kdcore::kd_loss_triton_inplace"
 
 
 def interpreted() -> bool:
@@ -82,14 +78,6 @@ def _kd_loss_triton(student, teacher, labels, mask, normalizer, temperature, div
     return loss, grad_student, grad_teacher
 
 
-def kd_loss_triton(*args):
-    return _kd_loss_triton(*args, inplace=False)
-
-
-def kd_loss_triton_inplace(*args):
-    return _kd_loss_triton(*args, inplace=True)
-
-
 def _raise_for_status(status: torch.Tensor, labels, vocab: int) -> None:
     """Raises the first row's failure (one device synchronization per call)."""
     from kdcore.ops.triton.kd_loss import STATUS_ALL_NEG_INF, STATUS_LABEL_OUT_OF_RANGE
@@ -104,6 +92,4 @@ def _raise_for_status(status: torch.Tensor, labels, vocab: int) -> None:
     raise label_out_of_range_error(row, int(labels[row]), vocab)
 
 
-torch.library.custom_op(QUALNAME, kd_loss_triton, mutates_args=(), schema=KD_LOSS_SIGNATURE)
-torch.library.custom_op(INPLACE_QUALNAME, kd_loss_triton_inplace, mutates_args=("student",),
-                        schema=KD_LOSS_INPLACE_SIGNATURE)
+QUALNAME, INPLACE_QUALNAME = define_kd_loss_ops("kdcore::kd_loss_triton", _kd_loss_triton)
