@@ -16,15 +16,36 @@ from kdcore.plugins import hookimpl
 
 __version__ = "0.1.0"
 
+# the engine loads on first use (it imports pydantic, yaml and the data-loading machinery)
+_ENGINE = {
+    "Distiller": "kdcore.engine.distiller",
+    "RunConfig": "kdcore.engine.config",
+    "ConfigError": "kdcore.engine.config",
+    "StageContext": "kdcore.engine.context",
+}
+
+
+def __getattr__(name: str):
+    if name in _ENGINE:
+        import importlib
+
+        return getattr(importlib.import_module(_ENGINE[name]), name)
+    raise AttributeError(f"module 'kdcore' has no attribute {name!r}")
+
+
 __all__ = [
     "Backend",
     "BackendStatus",
+    "ConfigError",
     "DIVERGENCES",
+    "Distiller",
     "KDLoss",
     "Method",
     "Outputs",
     "REDUCTIONS",
+    "RunConfig",
     "Stage",
+    "StageContext",
     "backends",
     "hookimpl",
     "kd_loss",

@@ -14,7 +14,9 @@ There are two kinds:
 
 Lifecycle hooks are called with keyword arguments; an implementation may accept any subset of
 them (pluggy passes only the arguments the implementation names). ``run`` is the Distiller doing
-the work: ``run.config``, ``run.output_dir`` and ``run.student`` are the stable attributes.
+the work: ``run.config``, ``run.output_dir``, ``run.student``, ``run.context`` (the current
+stage's :class:`kdcore.StageContext`) and ``run.metrics`` (the latest evaluation) are the stable
+attributes.
 """
 
 import pluggy
@@ -56,6 +58,28 @@ def kdcore_register_backends(register):
     ``torch.library`` op or a callable with the family's schema), and a function saying why it is
     unavailable on this machine (or None). kdcore's own ``reference`` and ``cpp`` backends are
     registered through this hook too.
+    """
+
+
+@hookspec
+def kdcore_register_models(register):
+    """Register model architectures that run configs can name (``student: {model: NAME}``).
+
+    Call ``register(name, factory, description="")`` for each. ``factory(**options)`` receives the
+    spec's ``options`` and returns an ``nn.Module`` whose forward takes a batch's inputs (a tensor,
+    or keyword arguments when the inputs are a mapping) and returns logits (a tensor, or an object
+    with a ``logits`` attribute). An import path ``package.module:callable`` works in configs too.
+    """
+
+
+@hookspec
+def kdcore_register_datasets(register):
+    """Register datasets that run configs can name (``data: {dataset: NAME}``).
+
+    Call ``register(name, factory, description="")`` for each. ``factory(**options)`` receives the
+    config's ``data.options`` and returns a mapping with ``"train"`` and ``"val"`` map-style
+    datasets. An item is ``(inputs, labels)``, or a mapping whose ``"labels"`` entry holds the
+    labels and whose other entries are the model's keyword inputs.
     """
 
 

@@ -46,12 +46,17 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 BUILTIN_PLUGINS = (
     ("kdcore.backends", "kdcore.ops"),
     ("kdcore.losses", "kdcore_plugins.losses"),
+    ("kdcore.zoo", "kdcore_plugins.zoo"),
+    ("kdcore.supervised", "kdcore_plugins.supervised"),
+    ("kdcore.response_kd", "kdcore_plugins.response_kd"),
 )
 
 REGISTRATION_HOOKS = {
     "kdcore_register_methods": "methods",
     "kdcore_register_losses": "losses",
     "kdcore_register_backends": "backends",
+    "kdcore_register_models": "models",
+    "kdcore_register_datasets": "datasets",
     "kdcore_register_callbacks": "callbacks",
 }
 HOOK_NAMES = tuple(name for name in vars(hookspecs) if name.startswith("kdcore_"))
@@ -131,6 +136,8 @@ class PluginHost:
         self.pm.add_hookspecs(hookspecs)
         self.methods = Registry("method")
         self.losses = Registry("loss", "losses")
+        self.models = Registry("model")
+        self.datasets = Registry("dataset")
         self.callbacks = Registry("callback")
         self.backends = BackendRegistry()
         self.plugins: dict[str, PluginInfo] = {}
@@ -265,7 +272,7 @@ class PluginHost:
 
     def _registries(self) -> dict[str, Registry]:
         return {"methods": self.methods, "losses": self.losses, "backends": self.backends,
-                "callbacks": self.callbacks}
+                "models": self.models, "datasets": self.datasets, "callbacks": self.callbacks}
 
     def _fail(self, info: PluginInfo, problem: str, strict: bool = False) -> None:
         message = f"kdcore {info.describe()} {problem}"
@@ -398,6 +405,16 @@ def get_method(name: str) -> Callable[[Mapping[str, Any]], Any]:
 def get_loss(name: str) -> Callable[..., Any]:
     """The loss function registered as ``name``."""
     return host().losses.get(name, "get_loss")
+
+
+def get_model(name: str) -> Callable[..., Any]:
+    """The factory registered for model ``name``."""
+    return host().models.get(name, "get_model")
+
+
+def get_dataset(name: str) -> Callable[..., Any]:
+    """The factory registered for dataset ``name``."""
+    return host().datasets.get(name, "get_dataset")
 
 
 def get_callback(name: str) -> Callable[[Mapping[str, Any]], Any]:

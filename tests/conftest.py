@@ -36,3 +36,11 @@ def device_backends() -> list[str]:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def teacher(tmp_path_factory):
+    """The model spec of a small classification teacher, trained once per session."""
+    from engine_helpers import train_teacher
+
+    return train_teacher(tmp_path_factory.mktemp("teacher"))

@@ -17,7 +17,9 @@ import pytest
 import torch
 
 import kdcore
+from engine_helpers import classification_config
 from kdcore import plugins
+from kdcore.engine.data import Batch
 
 try:
     importlib.metadata.distribution("kdcore-plugin-example")
@@ -44,16 +46,29 @@ def test_its_loss():
 
 
 def test_its_method():
-    method = plugins.get_method("logit_matching")({"ce_weight": 0.5, "epochs": 3})
-    assert isinstance(method, kdcore.Method) and [(s.name, s.epochs) for s in method.plan()] == [("logit_matching", 3)]
+    method = plugins.get_method("logit_matching")({"ce_weight": 0.5})
+    assert isinstance(method, kdcore.Method) and [s.name for s in method.plan(None)] == ["logit_matching"]
     student = torch.randn(4, 6, requires_grad=True)
     teacher = torch.randn(4, 6)
     labels = torch.tensor([0, 5, 2, 2])
-    terms = method.losses({"labels": labels}, kdcore.Outputs(student, [teacher]), ctx=None)
+    ctx = kdcore.StageContext(None, None, 0, torch.device("cpu"), {"student": torch.nn.Identity()})
+    ctx.normalizer = 8.0  # this micro-batch is half of the step's 8 rows
+    terms = method.losses(Batch(student, labels), kdcore.Outputs(student, [teacher]), ctx)
     assert set(terms) == {"kd", "ce"}
-    torch.testing.assert_close(terms["ce"], 0.5 * torch.nn.functional.cross_entropy(student, labels))
+    torch.testing.assert_close(terms["ce"], 0.5 * torch.nn.functional.cross_entropy(student, labels) / 2)
+    torch.testing.assert_close(terms["kd"], ((student - teacher) ** 2).sum() / 8)
     with pytest.raises(ValueError, match=r"logit_matching: unknown config keys \['temprature'\]"):
         plugins.get_method("logit_matching")({"temprature": 2})
+
+
+def test_its_method_trains_through_the_distiller(tmp_path, teacher):
+    config = classification_config(tmp_path, method={"name": "logit_matching", "ce_weight": 0.1}, teachers=[teacher],
+                                   optimizer={"lr": 0.01})
+    metrics = kdcore.Distiller(config).fit()
+    assert {"accuracy", "teacher_agreement", "kl_to_teacher"} <= set(metrics)
+    steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [event["kd"] for event in steps if event["event"] == "step"]
+    assert losses[-1] < losses[0]
 
 
 def test_its_callback(tmp_path):

@@ -39,23 +39,28 @@ def logit_mse(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, red
 
 
 class LogitMatching(kdcore.Method):
-    """Config keys: ``ce_weight`` (default 0: no label term), ``epochs`` (default 1)."""
+    """Config key: ``ce_weight`` (default 0: no label term).
+
+    Its terms follow the engine's normalization: each is this micro-batch's share of the
+    full-batch per-row mean (a per-row sum divided by ``ctx.normalizer``), so gradient
+    accumulation and multi-process runs give the full-batch loss.
+    """
 
     name = "logit_matching"
 
     def __init__(self, config):
         super().__init__(config)
-        unknown = set(self.config) - {"ce_weight", "epochs"}
+        unknown = set(self.config) - {"ce_weight"}
         if unknown:
-            raise ValueError(f"logit_matching: unknown config keys {sorted(unknown)}; it takes ce_weight, epochs")
+            raise ValueError(f"logit_matching: unknown config keys {sorted(unknown)}; it takes ce_weight")
         self.ce_weight = float(self.config.get("ce_weight", 0.0))
 
     def losses(self, batch, outputs, ctx):
         if not outputs.teachers:
             raise ValueError("logit_matching needs a teacher")
-        terms = {"kd": logit_mse(outputs.student, outputs.teachers[0])}
+        terms = {"kd": ctx.per_row(logit_mse(outputs.student, outputs.teachers[0], reduction="sum"))}
         if self.ce_weight > 0:
-            terms["ce"] = self.ce_weight * F.cross_entropy(outputs.student, batch["labels"])
+            terms["ce"] = self.ce_weight * ctx.per_row(F.cross_entropy(outputs.student, batch.labels, reduction="sum"))
         return terms
 
 

@@ -19,24 +19,28 @@ import torch
 class Stage:
     """One training stage, as plain data.
 
-    ``student`` and each of ``teachers`` is a model spec: a config mapping, an import path, or
-    ``"previous"`` for the student the previous stage trained (born-again, teacher-assistant
-    chains). ``teachers`` may be empty (self-distillation). ``trainable`` names the models whose
-    parameters the optimizer updates (several for mutual learning).
+    ``student`` is None (the run config's student, freshly built), ``"previous"`` (the student the
+    previous stage trained, with its weights: keep training it), or a model spec (a
+    :class:`kdcore.engine.config.ModelSpec` or a mapping of one). ``teachers`` is None (the run
+    config's teachers) or a list of model specs and ``"previous"`` (the previous stage's student as
+    a teacher: born-again and teacher-assistant chains); an empty list is self-distillation.
+    ``trainable`` names the models whose parameters the optimizer updates: ``"student"`` and, for
+    mutual learning, teachers by position (``"teacher0"``, ...). ``epochs`` None means the run
+    config's ``training.epochs``.
     """
 
     name: str
-    epochs: int = 1
+    epochs: int | None = None
     student: Any = None
-    teachers: list[Any] = field(default_factory=list)
+    teachers: list[Any] | None = None
     trainable: tuple[str, ...] = ("student",)
 
 
 @dataclass
 class Outputs:
     """What the models produced for one batch: the student's logits, each teacher's logits (in the
-    stage's teacher order), and any intermediate features the method asked the engine to tap,
-    keyed by ``"<model>.<layer>"``."""
+    stage's teacher order), and the intermediate features the method tapped
+    (:meth:`kdcore.engine.context.StageContext.tap`), keyed by ``"<model>.<layer>"``."""
 
     student: torch.Tensor
     teachers: list[torch.Tensor] = field(default_factory=list)
@@ -45,21 +49,46 @@ class Outputs:
 
 class Method:
     """Base class of distillation methods. Subclasses implement :meth:`losses`; most keep the
-    one-stage :meth:`plan`."""
+    one-stage :meth:`plan`.
+
+    Loss terms are normalized so that their sum over the micro-batches of an optimizer step (and
+    over processes) is the full-batch mean: pass ``normalizer=ctx.normalizer`` to
+    :func:`kdcore.kd_loss`, and divide a per-row sum by it (``ctx.per_row(sum)``) or a per-example
+    sum by ``ctx.example_normalizer`` (``ctx.per_example(sum)``).
+    """
 
     name: str = "method"
+    #: the weight of each named term unless the run config's ``training.loss_weights`` sets it
+    default_weights: Mapping[str, float] = {}
 
     def __init__(self, config: Mapping[str, Any] | None = None) -> None:
         self.config = dict(config or {})
 
-    def plan(self) -> list[Stage]:
-        """The stages of a run, in order. Default: one stage of ``config["epochs"]`` (1) epochs."""
-        return [Stage(name=self.name, epochs=int(self.config.get("epochs", 1)))]
+    def plan(self, config: Any) -> list[Stage]:
+        """The stages of a run (``config`` is the whole :class:`~kdcore.engine.config.RunConfig`),
+        in order. Default: one stage with the run's student and teachers."""
+        return [Stage(name=self.name)]
 
     def setup(self, ctx: Any) -> None:
         """Called at the start of each stage, before the optimizer is built: create extra trainable
-        modules or ask for intermediate features here. Default: nothing."""
+        modules (``ctx.add_module``) or ask for intermediate features (``ctx.tap``). Default:
+        nothing."""
 
     def losses(self, batch: Any, outputs: Outputs, ctx: Any) -> dict[str, torch.Tensor]:
-        """The named loss terms of one batch (``{"kd": ..., "ce": ...}``); the engine sums them."""
+        """The named loss terms of one micro-batch (``{"kd": ..., "ce": ...}``), normalized as the
+        class docstring says; the engine weights and sums them."""
         raise NotImplementedError(f"{type(self).__name__} must implement losses(batch, outputs, ctx)")
+
+    def teacher_logits(self, outputs: Outputs) -> torch.Tensor | None:
+        """The teacher prediction the student is measured against (agreement, KL) in evaluation.
+        Default: the first teacher's logits; an ensemble returns its combination."""
+        return outputs.teachers[0] if outputs.teachers else None
+
+
+def options_of(method: str, config: Mapping[str, Any], **defaults: Any) -> dict[str, Any]:
+    """A method's options: ``defaults`` updated by ``config``; a key it does not take raises
+    ``ValueError`` naming it and the keys it takes."""
+    unknown = sorted(set(config) - set(defaults))
+    if unknown:
+        raise ValueError(f"{method}: unknown config keys {unknown}; it takes {', '.join(sorted(defaults))}")
+    return {**defaults, **config}

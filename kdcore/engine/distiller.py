@@ -1,0 +1,589 @@
+"""The Distiller: runs the stages a method plans, with evaluation, checkpoints and exact resume.
+
+Per stage it builds the student and teachers, lets the method set up (extra modules, taps), then
+trains for the stage's epochs. Teachers run in eval mode under ``torch.no_grad()`` unless the stage
+trains them. Each optimizer step pulls its ``grad_accum`` micro-batches first and counts their
+kept rows over every process, so the method's terms (normalized by that count) add up to the
+full-batch loss whatever the accumulation and process count. After each epoch the held-out split
+is scored, then a checkpoint is written (model, optimizer, scheduler, RNG states of every process,
+stage, epoch, step, log position); a resumed run loads it and continues exactly.
+
+Files in ``output_dir``: ``checkpoint.pt`` (the latest), ``metrics.jsonl`` (events),
+``stages/<i>-<name>/student.pt`` (each stage's trained student, a plain state dict; trained
+teachers beside it as ``teacher<k>.pt``) and ``student.pt`` (the final student).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+import time
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pydantic
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from kdcore import plugins
+from kdcore.engine import checkpoint, distributed
+from kdcore.engine.builders import build_model, build_splits, resolve
+from kdcore.engine.config import ConfigError, ModelSpec, RunConfig, check_names, parse_config
+from kdcore.engine.context import StageContext
+from kdcore.engine.data import Batch, EvalShard, TrainOrder, call_model, loader
+from kdcore.engine.method import Method, Outputs, Stage
+from kdcore.engine.metrics import Meter
+from kdcore.engine.optim import build_optimizer, build_scheduler
+from kdcore.engine.runlog import RunLog, format_metrics
+
+CHECKPOINT_VERSION = 1
+# config keys a resumed run may change: where the run lives, and what observes it
+RESUME_MAY_CHANGE = ("output_dir", "callbacks")
+
+
+class Distiller:
+    """Trains a student from teachers as a run config says.
+
+    ``config`` is a :class:`RunConfig`, a mapping or a YAML path; ``overrides`` are ``KEY=VALUE``
+    strings applied to it; ``callbacks`` are extra callback objects (or registered names) for this
+    run, besides those the config lists. :meth:`fit` trains, :meth:`evaluate` scores a student.
+    Stable attributes for callbacks: ``config``, ``output_dir``, ``stages``, ``method``,
+    ``student`` (the current stage's student module), ``context`` (the current stage's
+    :class:`StageContext`), ``metrics`` (the latest evaluation).
+    """
+
+    def __init__(self, config: RunConfig | Mapping[str, Any] | str | Path, *, overrides: Sequence[str] = (),
+                 callbacks: Iterable[Any] = ()) -> None:
+        self.config = parse_config(config, list(overrides))
+        check_names(self.config)
+        self.output_dir = Path(self.config.output_dir)
+        self.callbacks = [*self.config.callbacks, *callbacks]
+        self.method = _make_method(self.config)
+        self.stages = _checked_stages(self.method, self.config)
+        self.student: nn.Module | None = None
+        self.context: StageContext | None = None
+        self.metrics: dict[str, float] = {}
+        self._teacher_metrics: dict[str, dict[str, float]] = {}
+
+    # -- paths ----------------------------------------------------------------------------------
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.output_dir / "checkpoint.pt"
+
+    def stage_model_path(self, index: int, role: str = "student") -> Path:
+        """Where stage ``index`` leaves its trained ``role`` (the student, or a trained teacher)."""
+        return self.output_dir / "stages" / f"{index}-{_slug(self.stages[index].name)}" / f"{role}.pt"
+
+    # -- model specs ----------------------------------------------------------------------------
+
+    def student_spec(self, index: int) -> ModelSpec:
+        """The spec of stage ``index``'s student ("previous" resolved to a file)."""
+        spec = self.stages[index].student
+        if spec is None:
+            return self.config.student
+        if spec == "previous":
+            return self._previous(index)
+        return _as_spec(spec, f"stages.{index}.student")
+
+    def teacher_specs(self, index: int) -> list[ModelSpec]:
+        specs = self.stages[index].teachers
+        if specs is None:
+            return list(self.config.teachers)
+        return [self._previous(index) if spec == "previous" else _as_spec(spec, f"stages.{index}.teachers.{i}")
+                for i, spec in enumerate(specs)]
+
+    def _previous(self, index: int) -> ModelSpec:
+        return self.student_spec(index - 1).model_copy(
+            update={"checkpoint": str(self.stage_model_path(index - 1)), "pretrained": False})
+
+    # -- training -------------------------------------------------------------------------------
+
+    def fit(self, resume: bool = False) -> dict[str, float]:
+        """Runs every stage (from the checkpoint in ``output_dir`` when ``resume``) and returns the
+        final evaluation's metrics."""
+        procs = distributed.start(self.config.device)
+        try:
+            return self._fit(procs, resume)
+        finally:
+            procs.close()
+
+    def _fit(self, procs: distributed.Processes, resume: bool) -> dict[str, float]:
+        config = self.config
+        saved = self._load_checkpoint() if resume else self._check_fresh(procs)
+        checkpoint.seed_everything(config.seed)
+        train, val = build_splits(config.data)
+        _check_batching(config, procs, len(train))
+        log = RunLog(self.output_dir / "metrics.jsonl", enabled=procs.is_main)
+        first_stage, stage_state = 0, None
+        if saved is None:
+            log.truncate(0)  # events of an attempt that crashed before its first checkpoint
+        else:
+            log.truncate(saved["log_offset"])  # events of work done after the checkpoint, redone now
+            first_stage, stage_state = saved["stage"], saved["stage_state"]
+            self.metrics, self._teacher_metrics = saved["metrics"], saved["teacher_metrics"]
+            if stage_state is None:
+                checkpoint.set_rng_state(_rng_of(saved, procs))
+            log.say(f"resuming {self.output_dir} at stage {first_stage} "
+                    + (f"epoch {stage_state['epoch']} step {stage_state['step']}" if stage_state else "(start)"))
+        host = plugins.host()
+        with host.active_callbacks(self.callbacks):
+            host.hook.kdcore_run_start(run=self)
+            for index in range(first_stage, len(self.stages)):
+                rng = _rng_of(saved, procs) if stage_state is not None else None
+                _Stage(self, procs, log, index, train, val).execute(stage_state, rng)
+                stage_state = None
+            host.hook.kdcore_run_end(run=self, metrics=dict(self.metrics))
+        log.event("run_end", metrics=self.metrics)
+        return dict(self.metrics)
+
+    def _check_fresh(self, procs: distributed.Processes) -> None:
+        if self.checkpoint_path.exists():
+            raise FileExistsError(f"{self.output_dir} already holds a run ({self.checkpoint_path.name}); "
+                                  "resume it (--resume / fit(resume=True)) or choose another output_dir")
+        procs.barrier()  # no process may start writing before every one has looked
+        return None
+
+    def _load_checkpoint(self) -> dict[str, Any]:
+        if not self.checkpoint_path.exists():
+            raise FileNotFoundError(f"nothing to resume: {self.checkpoint_path} does not exist "
+                                    "(run without --resume to start)")
+        saved = checkpoint.load(self.checkpoint_path)
+        if saved.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(f"{self.checkpoint_path} was written by an incompatible kdcore "
+                             f"(checkpoint version {saved.get('version')}, expected {CHECKPOINT_VERSION})")
+        differences = [key for key in _differences(saved["config"], self.config.model_dump(mode="json"))
+                       if key.split(".")[0] not in RESUME_MAY_CHANGE]
+        if differences:
+            raise ConfigError(f"cannot resume {self.output_dir}: the config differs from the one it was started "
+                              f"with at {', '.join(differences[:10])}; resume with the same config")
+        return saved
+
+    def save_checkpoint(self, procs: distributed.Processes, log: RunLog, stage: int,
+                        stage_state: dict[str, Any] | None) -> None:
+        """Writes ``checkpoint.pt`` (every process takes part: RNG states are gathered)."""
+        rng = procs.gather(checkpoint.rng_state())
+        if procs.is_main:
+            checkpoint.save_atomic({
+                "version": CHECKPOINT_VERSION, "config": self.config.model_dump(mode="json"), "stage": stage,
+                "stage_state": stage_state, "rng": rng, "log_offset": log.offset(), "metrics": self.metrics,
+                "teacher_metrics": self._teacher_metrics,
+            }, self.checkpoint_path)
+        procs.barrier()
+
+    # -- evaluation -----------------------------------------------------------------------------
+
+    def evaluate(self, student_checkpoint: str | Path | None = None) -> dict[str, float]:
+        """Scores the final stage's student (from ``student_checkpoint``, default
+        ``output_dir/student.pt``) on the held-out split, against the run's teachers."""
+        procs = distributed.start(self.config.device)
+        try:
+            index = len(self.stages) - 1
+            path = Path(student_checkpoint or self.output_dir / "student.pt")
+            spec = self.student_spec(index).model_copy(update={"checkpoint": str(path), "pretrained": False})
+            student = build_model(spec, "student").to(procs.device)
+            teachers = [build_model(t, f"teachers.{i}").to(procs.device) for i, t in enumerate(self.teacher_specs(index))]
+            _, val = build_splits(self.config.data)
+            models = {"student": student, **{f"teacher{i}": t for i, t in enumerate(teachers)}}
+            ctx = StageContext(self, self.stages[index], index, procs.device, models)
+            metrics = evaluate_student(self, ctx, procs, val)
+            for i, _ in enumerate(teachers):
+                metrics.update(_prefixed(evaluate_teacher(self, ctx, procs, val, i), _teacher_prefix(i, len(teachers))))
+            return metrics
+        finally:
+            procs.close()
+
+
+class _Stage:
+    """One stage of one run: its models, optimizer, and the loop over epochs and steps."""
+
+    def __init__(self, run: Distiller, procs: distributed.Processes, log: RunLog, index: int, train, val) -> None:
+        self.run, self.procs, self.log, self.index = run, procs, log, index
+        self.stage: Stage = run.stages[index]
+        self.train, self.val = train, val
+        self.config = run.config
+        self.epochs = self.stage.epochs or self.config.training.epochs
+        self.steps_per_epoch = len(train) // self.config.data.batch_size
+
+    def execute(self, state: dict[str, Any] | None, rng: dict[str, Any] | None) -> None:
+        run, config, procs, stage = self.run, self.config, self.procs, self.stage
+        device = procs.device
+        student = build_model(run.student_spec(self.index), self._key("student", stage.student)).to(device)
+        teachers = [build_model(spec, self._key(f"teachers.{i}", stage.teachers)).to(device)
+                    for i, spec in enumerate(run.teacher_specs(self.index))]
+        models = {"student": student, **{f"teacher{i}": t for i, t in enumerate(teachers)}}
+        unknown = set(stage.trainable) - set(models)
+        if unknown:
+            raise ConfigError(f"stage {stage.name!r}: trainable names {sorted(unknown)}, but the stage has "
+                              f"{', '.join(models)}")
+        for role, model in models.items():
+            if role not in stage.trainable:
+                model.requires_grad_(False).eval()
+        ctx = self.ctx = run.context = StageContext(run, stage, self.index, device, models)
+        ctx.ignore_index = config.data.ignore_index
+        run.student = student
+        run.method.setup(ctx)
+        trained = [models[role] for role in stage.trainable] + [ctx.modules[n] for n in sorted(ctx.trainable_modules)]
+        self.parameters = _unique_parameters(trained)
+        self.optimizer = build_optimizer(config.optimizer, self.parameters)
+        self.scheduler = build_scheduler(config.scheduler, self.optimizer, self.epochs * self.steps_per_epoch)
+        start_epoch, start_step = 0, 0
+        if state is not None:
+            self._load(state)
+            checkpoint.set_rng_state(rng)
+            start_epoch, start_step = state["epoch"], state["step"]
+        self._wrap_for_ddp(ctx)
+        if state is None:
+            self._evaluate_teachers()
+        hook = plugins.host().hook
+        hook.kdcore_stage_start(run=run, stage=stage)
+        try:
+            for epoch in range(start_epoch, self.epochs):
+                hook.kdcore_epoch_start(run=run, stage=stage, epoch=epoch)
+                self._train_epoch(epoch, start_step if epoch == start_epoch else 0)
+                self._evaluate(epoch)
+                run.save_checkpoint(procs, self.log, self.index, self._state(epoch + 1, 0))
+                hook.kdcore_epoch_end(run=run, stage=stage, epoch=epoch)
+        finally:
+            ctx.close()
+        self._finish()
+        hook.kdcore_stage_end(run=run, stage=stage)
+
+    def _key(self, role: str, planned: Any) -> str:
+        """How errors name a model: by its config key when the stage uses the config's models."""
+        return role if planned is None else f"stages.{self.index}.{role}"
+
+    # -- one epoch ------------------------------------------------------------------------------
+
+    def _train_epoch(self, epoch: int, start_step: int) -> None:
+        config, procs, ctx = self.config, self.procs, self.ctx
+        order = TrainOrder(len(self.train), batch_size=config.data.batch_size, grad_accum=config.training.grad_accum,
+                           rank=procs.rank, world_size=procs.world_size, seed=config.seed, epoch=epoch,
+                           shuffle=config.data.shuffle, start_step=start_step)
+        batches = iter(loader(self.train, order, order.micro_batch_size, num_workers=config.data.num_workers,
+                              seed=config.seed + epoch, pin_memory=procs.device.type == "cuda"))
+        for role in self.stage.trainable:
+            ctx.raw(role).train()
+        for name in ctx.modules:
+            ctx.modules[name].train(name in ctx.trainable_modules)
+        ctx.epoch = epoch
+        bar = self.log.progress(self.steps_per_epoch, start_step, f"{self.stage.name} {epoch + 1}/{self.epochs}")
+        started, seen = time.perf_counter(), 0
+        with bar:
+            for step in range(start_step, self.steps_per_epoch):
+                micro = [Batch.from_collated(next(batches)) for _ in range(config.training.grad_accum)]
+                ctx.step = epoch * self.steps_per_epoch + step
+                losses = self._optimizer_step(micro)
+                seen += config.data.batch_size
+                throughput = seen / max(time.perf_counter() - started, 1e-9)
+                plugins.host().hook.kdcore_step_end(run=self.run, stage=self.stage, step=ctx.step, losses=losses)
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses['total']:.4g}", ex_s=f"{throughput:.0f}")
+                last = step + 1 == self.steps_per_epoch
+                if (ctx.step + 1) % config.training.log_every == 0 or last:
+                    self.log.event("step", stage=self.stage.name, epoch=epoch, step=ctx.step,
+                                   lr=self.scheduler.get_last_lr()[0], examples_per_s=throughput, **losses)
+                every = config.checkpoint.every_steps
+                if every and (step + 1) % every == 0 and not last:
+                    self.run.save_checkpoint(procs, self.log, self.index, self._state(epoch, step + 1))
+
+    def _optimizer_step(self, micro: list[Batch]) -> dict[str, float]:
+        """Forward, backward and update for one optimizer step on its micro-batches (still on the
+        CPU, where counting their rows costs no device sync); returns the step's loss terms
+        (full-batch values, the same on every process)."""
+        config, procs, ctx = self.config, self.procs, self.ctx
+        kept = procs.sum(torch.tensor([float(sum(b.kept_rows(ctx.ignore_index) for b in micro))]))
+        ctx.normalizer = max(float(kept[0]), 1.0) / procs.world_size
+        ctx.example_normalizer = config.data.batch_size / procs.world_size
+        totals: dict[str, torch.Tensor] = {}
+        for position, batch in enumerate(micro):
+            batch = batch.to(procs.device)
+            with self._no_sync(position + 1 < len(micro)), _autocast(procs.device, config.training.precision):
+                outputs = forward(ctx, batch, self.stage.trainable, training=True)
+                terms = _checked_terms(self.run.method, self.run.method.losses(batch, outputs, ctx))
+                self._check_weights(terms)
+                total = sum(self._weight(name) * value for name, value in terms.items())
+            if not isinstance(total, torch.Tensor) or not total.requires_grad:
+                raise RuntimeError(f"method {self.config.method.name!r}: its loss terms {sorted(terms)} do not depend "
+                                   "on any trained parameter")
+            total.backward()
+            for name, value in [*terms.items(), ("total", total)]:
+                totals[name] = totals.get(name, 0.0) + value.detach().float()
+        if config.training.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.parameters, config.training.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        names = list(totals)
+        values = procs.sum(torch.stack([totals[n].reshape(()) for n in names]).cpu().double()) / procs.world_size
+        losses = dict(zip(names, values.tolist()))
+        bad = [name for name, value in losses.items() if not math.isfinite(value)]
+        if bad:
+            raise FloatingPointError(f"stage {self.stage.name!r} step {ctx.step}: loss terms {bad} are not finite "
+                                     f"({ {n: losses[n] for n in bad} }); the last checkpoint is intact")
+        return losses
+
+    def _check_weights(self, terms: Mapping[str, torch.Tensor]) -> None:
+        unknown = sorted(set(self.config.training.loss_weights) - set(terms))
+        if unknown:
+            raise ConfigError(f"training.loss_weights: {unknown} are not loss terms of method "
+                              f"{self.config.method.name!r} (its terms: {', '.join(sorted(terms))})")
+
+    def _weight(self, name: str) -> float:
+        weights = self.config.training.loss_weights
+        return float(weights.get(name, self.run.method.default_weights.get(name, 1.0)))
+
+    @contextlib.contextmanager
+    def _no_sync(self, skip: bool):
+        """Defers DDP's gradient all-reduce to the last micro-batch of an optimizer step."""
+        with contextlib.ExitStack() as stack:
+            if skip:
+                for module in self._ddp:
+                    stack.enter_context(module.no_sync())
+            yield
+
+    # -- evaluation -----------------------------------------------------------------------------
+
+    def _evaluate_teachers(self) -> None:
+        """Scores each teacher on the held-out split once per run (per distinct teacher)."""
+        run = self.run
+        specs = run.teacher_specs(self.index)
+        for i, spec in enumerate(specs):
+            key = spec.model_dump_json()
+            if key not in run._teacher_metrics:
+                metrics = evaluate_teacher(run, self.ctx, self.procs, self.val, i)
+                run._teacher_metrics[key] = metrics
+                self.log.event("teacher_eval", stage=self.stage.name, teacher=i, **metrics)
+                self.log.say(f"[{self.stage.name}] teacher{i}: {format_metrics(metrics)}")
+
+    def _evaluate(self, epoch: int) -> None:
+        run = self.run
+        metrics = evaluate_student(run, self.ctx, self.procs, self.val)
+        specs = run.teacher_specs(self.index)
+        for i, spec in enumerate(specs):
+            metrics.update(_prefixed(run._teacher_metrics.get(spec.model_dump_json(), {}),
+                                     _teacher_prefix(i, len(specs))))
+        run.metrics = metrics
+        self.log.event("eval", stage=self.stage.name, epoch=epoch, step=self.ctx.step, **metrics)
+        self.log.say(f"[{self.stage.name}] epoch {epoch + 1}/{self.epochs}: {format_metrics(metrics)}")
+        plugins.host().hook.kdcore_evaluated(run=run, stage=self.stage, epoch=epoch, metrics=dict(metrics))
+
+    # -- state ----------------------------------------------------------------------------------
+
+    def _wrap_for_ddp(self, ctx: StageContext) -> None:
+        self._ddp: list[DistributedDataParallel] = []
+        if not self.procs.distributed:
+            return
+        device_ids = [self.procs.device.index] if self.procs.device.type == "cuda" else None
+        tables = [(ctx.models, role) for role in self.stage.trainable]
+        tables += [(ctx.modules, name) for name in sorted(ctx.trainable_modules)]
+        for table, name in tables:
+            if any(p.requires_grad for p in table[name].parameters()):
+                wrapped = DistributedDataParallel(table[name], device_ids=device_ids,
+                                                  find_unused_parameters=self.config.training.find_unused_parameters)
+                table[name] = wrapped
+                self._ddp.append(wrapped)
+
+    def _state(self, epoch: int, step: int) -> dict[str, Any]:
+        ctx = self.ctx
+        return {
+            "epoch": epoch, "step": step,
+            "models": {role: ctx.raw(role).state_dict() for role in ctx.models},
+            "modules": {name: ctx.raw(f"module:{name}").state_dict() for name in ctx.modules},
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+        }
+
+    def _load(self, state: dict[str, Any]) -> None:
+        ctx = self.ctx
+        if set(state["modules"]) != set(ctx.modules):
+            raise ValueError(f"the checkpoint's extra modules {sorted(state['modules'])} are not the ones the method "
+                             f"set up ({sorted(ctx.modules)})")
+        for role in ctx.models:
+            ctx.raw(role).load_state_dict(state["models"][role])
+        for name in ctx.modules:
+            ctx.raw(f"module:{name}").load_state_dict(state["modules"][name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def _finish(self) -> None:
+        run, procs = self.run, self.procs
+        if procs.is_main:
+            for role in dict.fromkeys(("student", *self.stage.trainable)):
+                checkpoint.save_atomic(self.ctx.raw(role).state_dict(), run.stage_model_path(self.index, role))
+            checkpoint.save_atomic(self.ctx.raw("student").state_dict(), run.output_dir / "student.pt")
+        self.log.event("stage_end", stage=self.stage.name, index=self.index, metrics=run.metrics)
+        run.save_checkpoint(procs, self.log, self.index + 1, None)
+
+
+# -- shared by training and `kdcore eval` ---------------------------------------------------------
+
+
+def forward(ctx: StageContext, batch: Batch, trainable: Sequence[str], *, training: bool) -> Outputs:
+    """Runs the stage's models on a batch. Teachers that are not trained run under no_grad; in
+    evaluation every model runs unwrapped (no DDP collectives, so shards may differ in length)."""
+    ctx.features.clear()
+    call = (lambda role: ctx.models[role]) if training else ctx.raw
+    student = call_model(call("student"), batch.inputs)
+    teachers = []
+    for role in [r for r in ctx.models if r != "student"]:
+        grad = training and role in trainable
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            teachers.append(call_model(call(role), batch.inputs))
+    return Outputs(student, teachers, dict(ctx.features))
+
+
+def evaluate_student(run: Distiller, ctx: StageContext, procs: distributed.Processes, val) -> dict[str, float]:
+    meter = _meter(run.config)
+
+    def score(batch: Batch, outputs: Outputs) -> None:
+        meter.update(outputs.student, batch.labels, run.method.teacher_logits(outputs))
+
+    _sweep(run, ctx, procs, val, score)
+    meter.sums = procs.sum(meter.sums)
+    return meter.compute()
+
+
+def evaluate_teacher(run: Distiller, ctx: StageContext, procs: distributed.Processes, val, index: int) -> dict[str, float]:
+    meter = _meter(run.config)
+    _sweep(run, ctx, procs, val, lambda batch, outputs: meter.update(outputs.teachers[index], batch.labels))
+    meter.sums = procs.sum(meter.sums)
+    return meter.compute()
+
+
+def _sweep(run: Distiller, ctx: StageContext, procs: distributed.Processes, val, score) -> None:
+    """Runs every model over this process's shard of ``val`` in eval mode, calling ``score``."""
+    config = run.config
+    modes = {name: ctx.raw(name).training for name in ctx.models}
+    for name in ctx.models:
+        ctx.raw(name).eval()
+    batches = loader(val, EvalShard(len(val), procs.rank, procs.world_size), config.data.eval_batch_size,
+                     num_workers=config.data.num_workers, seed=config.seed, pin_memory=procs.device.type == "cuda")
+    try:
+        with torch.no_grad(), _autocast(procs.device, config.training.precision):
+            for collated in batches:
+                batch = Batch.from_collated(collated).to(procs.device)
+                score(batch, forward(ctx, batch, (), training=False))
+    finally:
+        for name, mode in modes.items():
+            ctx.raw(name).train(mode)
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+
+
+def _make_method(config: RunConfig) -> Method:
+    factory = resolve(config.method.name, plugins.host().methods, "method.name")
+    try:
+        method = factory(config.method.options())
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"method: {exc}") from None
+    if not isinstance(method, Method):
+        raise TypeError(f"method {config.method.name!r}: its factory returned {type(method).__name__}, "
+                        "not a kdcore.Method")
+    return method
+
+
+def _checked_stages(method: Method, config: RunConfig) -> list[Stage]:
+    stages = method.plan(config)
+    if not isinstance(stages, list) or not stages or not all(isinstance(s, Stage) for s in stages):
+        raise TypeError(f"method {config.method.name!r}: plan() must return a non-empty list of kdcore.Stage")
+    names = [s.name for s in stages]
+    if len(set(names)) != len(names):
+        raise ValueError(f"method {config.method.name!r}: stage names must be unique, got {names}")
+    for index, stage in enumerate(stages):
+        uses_previous = stage.student == "previous" or "previous" in (stage.teachers or [])
+        if index == 0 and uses_previous:
+            raise ValueError(f"method {config.method.name!r}: the first stage {stage.name!r} cannot use 'previous'")
+        if stage.epochs is not None and (not isinstance(stage.epochs, int) or stage.epochs < 1):
+            raise ValueError(f"method {config.method.name!r}: stage {stage.name!r} has epochs={stage.epochs!r}")
+        if not stage.trainable:
+            raise ValueError(f"method {config.method.name!r}: stage {stage.name!r} trains nothing")
+    return stages
+
+
+def _check_batching(config: RunConfig, procs: distributed.Processes, train_size: int) -> None:
+    data, accum = config.data, config.training.grad_accum
+    if data.batch_size % (accum * procs.world_size):
+        raise ConfigError(f"data.batch_size: {data.batch_size} examples per step must split evenly into "
+                          f"training.grad_accum ({accum}) micro-batches on each of {procs.world_size} processes")
+    if train_size < data.batch_size:
+        raise ConfigError(f"data.batch_size: {data.batch_size} is larger than the training split "
+                          f"({train_size} examples); an epoch would have no step")
+
+
+def _checked_terms(method: Method, terms: Any) -> dict[str, torch.Tensor]:
+    if not isinstance(terms, Mapping) or not terms:
+        raise TypeError(f"{type(method).__name__}.losses must return a non-empty dict of named loss terms, "
+                        f"got {type(terms).__name__}")
+    for name, value in terms.items():
+        if not isinstance(value, torch.Tensor) or value.numel() != 1:
+            raise TypeError(f"{type(method).__name__}.losses: term {name!r} must be a scalar tensor, got "
+                            f"{type(value).__name__}{tuple(value.shape) if isinstance(value, torch.Tensor) else ''}")
+        if name == "total":
+            raise ValueError(f"{type(method).__name__}.losses: 'total' is reserved for the weighted sum")
+    return dict(terms)
+
+
+def _meter(config: RunConfig) -> Meter:
+    return Meter(task=config.eval.task, ignore_index=config.data.ignore_index, bins=config.eval.ece_bins)
+
+
+def _autocast(device: torch.device, precision: str):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def _unique_parameters(modules: Iterable[nn.Module]) -> list[nn.Parameter]:
+    seen, out = set(), []
+    for module in modules:
+        for parameter in module.parameters():
+            if parameter.requires_grad and id(parameter) not in seen:
+                seen.add(id(parameter))
+                out.append(parameter)
+    return out
+
+
+def _as_spec(spec: Any, key: str) -> ModelSpec:
+    if isinstance(spec, ModelSpec):
+        return spec
+    if isinstance(spec, Mapping):
+        try:
+            return ModelSpec.model_validate(dict(spec))
+        except pydantic.ValidationError as exc:
+            raise ConfigError(f"{key}: {' '.join(str(exc).split())}") from None
+    raise TypeError(f"{key}: a model spec is a ModelSpec, a mapping or 'previous', got {spec!r}")
+
+
+def _rng_of(saved: Mapping[str, Any], procs: distributed.Processes) -> dict[str, Any]:
+    """This process's RNG states from a checkpoint. Resuming with another number of processes
+    trains on the same global batches, but random draws (dropout) differ from the original run."""
+    states = saved["rng"]
+    if len(states) != procs.world_size:
+        warnings.warn(f"resuming a run checkpointed with {len(states)} processes on {procs.world_size}: training "
+                      "continues on the same batches, but random draws (dropout) will not repeat the original run's",
+                      RuntimeWarning, stacklevel=3)
+    return states[procs.rank % len(states)]
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new)):
+            out += _differences(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return [] if old == new else [prefix.rstrip(".") or "(top level)"]
+
+
+def _teacher_prefix(index: int, count: int) -> str:
+    return "teacher_" if count == 1 else f"teacher{index}_"
+
+
+def _prefixed(metrics: Mapping[str, float], prefix: str) -> dict[str, float]:
+    return {prefix + key: value for key, value in metrics.items()}
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "stage"

@@ -1,0 +1,74 @@
+"""The process group of a run: one process, or ``torchrun --nproc-per-node N`` (DDP).
+
+Under torchrun (``WORLD_SIZE`` > 1 in the environment) the default process group is initialized
+with nccl on CUDA and gloo on CPU; each process uses the GPU of its ``LOCAL_RANK``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Processes:
+    rank: int
+    world_size: int
+    device: torch.device
+    owns_group: bool  # whether this run initialized the process group (and so tears it down)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The element-wise sum of ``tensor`` over every process (``tensor`` itself when alone)."""
+        if not self.distributed:
+            return tensor
+        reduced = tensor.to(self.device).clone()
+        dist.all_reduce(reduced)
+        return reduced.to(tensor.device)
+
+    def gather(self, obj: Any) -> list[Any]:
+        """``obj`` from every process, in rank order."""
+        if not self.distributed:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def start(device: str) -> Processes:
+    """Joins (or creates) the process group the environment describes; ``device`` is the config's
+    ``auto`` / ``cpu`` / ``cuda``."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device: 'cuda' was asked for, but torch sees no CUDA device "
+                           f"(torch {torch.__version__}, built with CUDA {torch.version.cuda})")
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    target = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if world_size == 1:
+        return Processes(0, 1, target, owns_group=False)
+    owns = not dist.is_initialized()
+    if owns:
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return Processes(dist.get_rank(), dist.get_world_size(), target, owns_group=owns)

@@ -1,0 +1,81 @@
+"""Held-out metrics, accumulated as sums so that shards from several processes add up exactly.
+
+Per scored row (an example, or a token whose label is not ``ignore_index``):
+
+* ``accuracy`` (``token_accuracy`` for language modeling): argmax equals the label;
+* ``nll``: cross-entropy of the label (``perplexity`` = exp(nll) for language modeling);
+* ``ece``: expected calibration error of the top-1 confidence, over ``bins`` equal-width bins;
+* ``teacher_agreement``: the student's argmax equals the teacher's;
+* ``kl_to_teacher``: KL(teacher ‖ student) at temperature 1, in nats, averaged over rows.
+
+The teacher's own accuracy, nll and ece come from the same class with the teacher's logits as the
+prediction.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from kdcore.functional import kd_loss
+
+# positions in the packed sums
+_ROWS, _CORRECT, _NLL, _PAIRED, _AGREE, _KL = range(6)
+
+
+class Meter:
+    """Accumulates one model's predictions (and optionally a reference teacher's) over batches."""
+
+    def __init__(self, *, task: str = "classification", ignore_index: int = -100, bins: int = 15) -> None:
+        self.task, self.ignore_index, self.bins = task, ignore_index, bins
+        self.sums = torch.zeros(6 + 2 * bins, dtype=torch.float64)  # + per bin: confidence, correct
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor | None, teacher_logits: torch.Tensor | None = None) -> None:
+        """Adds a batch: ``logits [..., V]``, ``labels [...]`` (or None), ``teacher_logits [..., V]``."""
+        rows = logits.detach().reshape(-1, logits.shape[-1]).float()
+        keep = torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device)
+        sums = torch.zeros_like(self.sums, device=rows.device)
+        if labels is not None:
+            labels = labels.reshape(-1).to(rows.device)
+            if labels.shape[0] != rows.shape[0]:
+                raise ValueError(f"metrics: labels have {labels.shape[0]} rows but the logits have {rows.shape[0]}")
+            keep = labels != self.ignore_index
+            rows, labels = rows[keep], labels[keep]
+            log_probs = rows.log_softmax(-1)
+            confidence, prediction = log_probs.max(-1)
+            correct = (prediction == labels).double()
+            sums[_ROWS] = rows.shape[0]
+            sums[_CORRECT] = correct.sum()
+            sums[_NLL] = F.nll_loss(log_probs, labels, reduction="sum").double()
+            bin_index = (confidence.exp() * self.bins).long().clamp_(max=self.bins - 1)
+            sums[6:6 + self.bins] = torch.bincount(bin_index, confidence.exp().double(), minlength=self.bins)
+            sums[6 + self.bins:] = torch.bincount(bin_index, correct, minlength=self.bins)
+        if teacher_logits is not None:
+            teacher = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1]).float()[keep]
+            sums[_PAIRED] = rows.shape[0]
+            sums[_AGREE] = (rows.argmax(-1) == teacher.argmax(-1)).sum()
+            if rows.shape[0]:
+                sums[_KL] = kd_loss(rows, teacher, divergence="forward_kl", reduction="sum").double()
+        self.sums += sums.cpu()
+
+    def compute(self) -> dict[str, float]:
+        """The metrics of everything added so far (a key is absent when nothing fed it)."""
+        s = self.sums
+        out: dict[str, float] = {}
+        if s[_ROWS] > 0:
+            n = float(s[_ROWS])
+            nll = float(s[_NLL]) / n
+            if self.task == "language_modeling":
+                out["token_accuracy"] = float(s[_CORRECT]) / n
+                out["perplexity"] = math.exp(min(nll, 700.0))
+            else:
+                out["accuracy"] = float(s[_CORRECT]) / n
+            out["nll"] = nll
+            # sum over bins of |Σ confidence − Σ correct| / n  =  Σ_b (n_b / n) · |conf_b − acc_b|
+            out["ece"] = float((s[6:6 + self.bins] - s[6 + self.bins:]).abs().sum()) / n
+        if s[_PAIRED] > 0:
+            out["teacher_agreement"] = float(s[_AGREE]) / float(s[_PAIRED])
+            out["kl_to_teacher"] = float(s[_KL]) / float(s[_PAIRED])
+        return out

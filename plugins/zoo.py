@@ -1,0 +1,115 @@
+"""Small models and synthetic datasets that need no download, for demos, tests and trying a
+method out in seconds.
+
+Models:
+
+* ``mlp``: ``in_features -> hidden... -> num_classes``, ReLU (and optional dropout) between;
+  submodules ``body.<i>`` and ``head`` can be tapped.
+* ``tiny_lm``: a next-token model over ``vocab_size`` tokens (embedding, one residual MLP block,
+  output head) that takes ``input_ids [B, L]`` and returns logits ``[B, L, V]``.
+
+Datasets (each returns seeded, reproducible ``train`` / ``val`` splits):
+
+* ``synthetic_classification``: Gaussian inputs labelled by a fixed random two-layer network, a
+  task a wide model learns better than a narrow one (so distillation has something to transfer);
+  ``label_noise`` flips that fraction of training labels.
+* ``synthetic_tokens``: sequences from a random sparse Markov chain (each token has a few likely
+  successors); items are ``{"input_ids", "labels"}`` with the labels shifted by one and the
+  padding after each sequence's random length labelled ``-100``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset
+
+import kdcore
+
+
+class MLP(nn.Module):
+    def __init__(self, in_features: int, num_classes: int, hidden: list[int] | tuple[int, ...] = (64,),
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = in_features
+        for size in hidden:
+            layers += [nn.Linear(width, size), nn.ReLU()]
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            width = size
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+class TinyLM(nn.Module):
+    def __init__(self, vocab_size: int, dim: int = 32) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, dim)
+        self.block = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        self.head = nn.Linear(dim, vocab_size)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed(input_ids)
+        return self.head(hidden + self.block(hidden))
+
+
+class _Tokens(Dataset):
+    def __init__(self, input_ids: torch.Tensor, labels: torch.Tensor) -> None:
+        self.input_ids, self.labels = input_ids, labels
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids[index], "labels": self.labels[index]}
+
+
+def synthetic_classification(features: int = 32, num_classes: int = 10, train_size: int = 2048,
+                             val_size: int = 512, label_noise: float = 0.0, seed: int = 0) -> dict[str, Dataset]:
+    generator = torch.Generator().manual_seed(seed)
+    oracle_hidden = torch.randn(features, 4 * features, generator=generator) / features ** 0.5
+    oracle_out = torch.randn(4 * features, num_classes, generator=generator) / (4 * features) ** 0.5
+    inputs = torch.randn(train_size + val_size, features, generator=generator)
+    labels = (torch.tanh(inputs @ oracle_hidden) @ oracle_out).argmax(-1)
+    flip = torch.rand(train_size, generator=generator) < label_noise
+    labels[:train_size][flip] = torch.randint(num_classes, (int(flip.sum()),), generator=generator)
+    return {"train": TensorDataset(inputs[:train_size], labels[:train_size]),
+            "val": TensorDataset(inputs[train_size:], labels[train_size:])}
+
+
+def synthetic_tokens(vocab_size: int = 64, seq_len: int = 32, train_size: int = 1024, val_size: int = 256,
+                     successors: int = 3, min_len: int = 8, seed: int = 0) -> dict[str, Dataset]:
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.full((vocab_size, vocab_size), -4.0)
+    likely = torch.randint(vocab_size, (vocab_size, successors), generator=generator)
+    logits.scatter_(1, likely, torch.rand(vocab_size, successors, generator=generator) * 3 + 1)
+    transition = logits.softmax(-1)
+    count = train_size + val_size
+    tokens = torch.empty(count, seq_len + 1, dtype=torch.long)
+    tokens[:, 0] = torch.randint(vocab_size, (count,), generator=generator)
+    for position in range(seq_len):
+        tokens[:, position + 1] = torch.multinomial(transition[tokens[:, position]], 1, generator=generator)[:, 0]
+    lengths = torch.randint(min_len, seq_len + 1, (count,), generator=generator)
+    padding = torch.arange(seq_len) >= lengths[:, None]
+    input_ids = tokens[:, :-1].masked_fill(padding, 0)
+    labels = tokens[:, 1:].masked_fill(padding, -100)
+    return {"train": _Tokens(input_ids[:train_size], labels[:train_size]),
+            "val": _Tokens(input_ids[train_size:], labels[train_size:])}
+
+
+@kdcore.hookimpl
+def kdcore_register_models(register):
+    register("mlp", MLP, description="multi-layer perceptron: in_features, num_classes, hidden, dropout")
+    register("tiny_lm", TinyLM, description="next-token model over input_ids: vocab_size, dim")
+
+
+@kdcore.hookimpl
+def kdcore_register_datasets(register):
+    register("synthetic_classification", synthetic_classification,
+             description="Gaussian inputs labelled by a random 2-layer network (no download)")
+    register("synthetic_tokens", synthetic_tokens,
+             description="token sequences from a random sparse Markov chain, padded, labels shifted (no download)")

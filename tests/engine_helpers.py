@@ -1,0 +1,144 @@
+"""Small run configs and test methods for the engine tests.
+
+The methods are referenced from configs by import path (``engine_helpers:TwoStage``), the way a
+user names a method that is not a registered plugin.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+import kdcore
+
+FEATURES, CLASSES = 16, 4
+DATA = {"dataset": "synthetic_classification", "batch_size": 32,
+        "options": {"features": FEATURES, "num_classes": CLASSES, "train_size": 256, "val_size": 96}}
+
+
+def mlp(hidden: list[int], checkpoint: str | None = None) -> dict[str, Any]:
+    spec = {"model": "mlp", "options": {"in_features": FEATURES, "num_classes": CLASSES, "hidden": hidden}}
+    return {**spec, "checkpoint": checkpoint} if checkpoint else spec
+
+
+def classification_config(output_dir: Path, *, method: dict[str, Any], teachers=(), student_hidden=(16,),
+                          **sections: Any) -> dict[str, Any]:
+    """A small CPU run: a 16-feature, 4-class synthetic task; ``sections`` replace or extend the
+    config's sections (``training={"epochs": 2}``)."""
+    config = {
+        "method": method,
+        "student": mlp(list(student_hidden)),
+        "teachers": copy.deepcopy(list(teachers)),
+        "data": copy.deepcopy(DATA),
+        "optimizer": {"name": "sgd", "lr": 0.1},
+        "training": {"epochs": 2, "log_every": 1},
+        "output_dir": str(output_dir),
+        "device": "cpu",
+    }
+    return merged(config, sections)
+
+
+def lm_config(output_dir: Path, *, method: dict[str, Any], **sections: Any) -> dict[str, Any]:
+    """A small language-modeling run: a 64-token Markov chain, sequences of 16 with padding."""
+    config = {
+        "method": method,
+        "student": {"model": "tiny_lm", "options": {"vocab_size": 64, "dim": 16}},
+        "data": {"dataset": "synthetic_tokens", "batch_size": 16,
+                 "options": {"vocab_size": 64, "seq_len": 16, "train_size": 128, "val_size": 64}},
+        "optimizer": {"name": "adamw", "lr": 0.02},
+        "training": {"epochs": 2, "log_every": 1},
+        "eval": {"task": "language_modeling"},
+        "output_dir": str(output_dir),
+        "device": "cpu",
+    }
+    return merged(config, sections)
+
+
+def merged(config: dict[str, Any], sections: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with ``sections`` merged in (a mapping updates a section, anything else replaces it)."""
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = value
+    return config
+
+
+def train_teacher(directory: Path) -> dict[str, Any]:
+    """Trains a wider MLP with labels only; returns its model spec with the checkpoint."""
+    config = classification_config(directory, method={"name": "supervised"}, student_hidden=(64, 64),
+                                   training={"epochs": 3})
+    kdcore.Distiller(config).fit()
+    return mlp([64, 64], str(directory / "student.pt"))
+
+
+def ce(batch, outputs, ctx) -> torch.Tensor:
+    return ctx.per_row(F.cross_entropy(outputs.student.float(), batch.labels, reduction="sum"))
+
+
+class TwoStage(kdcore.Method):
+    """Stage ``first`` distills from the config's teacher; stage ``second`` is a fresh student taught
+    by the first stage's student (born-again)."""
+
+    name = "two_stage"
+
+    def plan(self, config):
+        return [kdcore.Stage("first"), kdcore.Stage("second", teachers=["previous"])]
+
+    def losses(self, batch, outputs, ctx):
+        return {"kd": kdcore.kd_loss(outputs.student, outputs.teachers[0], temperature=2.0, normalizer=ctx.normalizer),
+                "ce": ce(batch, outputs, ctx)}
+
+
+class Probe(kdcore.Method):
+    """Checks what a method may rely on while training, and uses every StageContext facility: an
+    extra trainable module, a frozen extra module, and a tapped feature."""
+
+    name = "probe"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.seen: list[dict[str, Any]] = []
+
+    def setup(self, ctx):
+        self.hidden_key = ctx.tap("student", "body.1")
+        self.teacher_key = ctx.tap("teacher0", "body.1")
+        ctx.add_module("regressor", torch.nn.Linear(16, 64))
+        ctx.add_module("frozen", torch.nn.Linear(2, 2), trainable=False)
+
+    def losses(self, batch, outputs, ctx):
+        teacher = ctx.raw("teacher0")
+        self.seen.append({
+            "teacher_training": teacher.training,
+            "teacher_grad": outputs.teachers[0].requires_grad,
+            "student_training": ctx.raw("student").training,
+            "features": sorted(outputs.features),
+            "normalizer": ctx.normalizer,
+        })
+        hint = (ctx.modules["regressor"](outputs.features[self.hidden_key])
+                - outputs.features[self.teacher_key]).square().sum()
+        return {"hint": ctx.per_example(hint) * 0.01, "ce": ce(batch, outputs, ctx)}
+
+
+class Mutual(kdcore.Method):
+    """Deep mutual learning in miniature: student and teacher0 both train, each on the other."""
+
+    name = "mutual"
+
+    def plan(self, config):
+        return [kdcore.Stage("mutual", trainable=("student", "teacher0"))]
+
+    def losses(self, batch, outputs, ctx):
+        student, peer = outputs.student, outputs.teachers[0]
+        return {"student_kd": kdcore.kd_loss(student, peer.detach(), normalizer=ctx.normalizer),
+                "peer_kd": kdcore.kd_loss(peer, student.detach(), normalizer=ctx.normalizer),
+                "ce": ce(batch, outputs, ctx)}
+
+
+def tiny_classifier() -> torch.nn.Module:
+    """A model named by import path in a config (``engine_helpers:tiny_classifier``)."""
+    return torch.nn.Linear(FEATURES, CLASSES)

@@ -1,0 +1,57 @@
+"""The same config under ``torchrun --nproc-per-node 2`` (DDP over gloo on CPU) trains the same
+model as one process: each optimizer step sees the same global batch, the loss is normalized over
+it, and the held-out metrics are summed over both shards. Only rank 0 logs and checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import kdcore
+from engine_helpers import classification_config
+
+TESTS = Path(__file__).parent
+
+
+def torchrun(config_path: Path, processes: int) -> dict[str, float]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+               "-m", "kdcore", "distill", str(config_path)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    printed = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(printed) == 1, done.stdout  # only rank 0 prints
+    return json.loads(printed[0])
+
+
+@pytest.mark.parametrize("method", ["response_kd", "engine_helpers:Probe"])
+def test_two_processes_match_one(tmp_path, teacher, method):
+    config = classification_config(tmp_path / "ddp", method={"name": method}, teachers=[teacher],
+                                   training={"epochs": 2, "grad_accum": 2, "log_every": 4})
+    path = tmp_path / "ddp.yaml"
+    path.write_text(yaml.safe_dump(config))
+    metrics = torchrun(path, 2)
+    config["output_dir"] = str(tmp_path / "single")
+    single = kdcore.Distiller(config).fit()
+
+    assert metrics.keys() == single.keys()
+    for key in metrics:
+        tolerance = 1.5 / 96 if key in ("accuracy", "teacher_agreement", "ece") else 1e-3
+        assert metrics[key] == pytest.approx(single[key], rel=1e-3, abs=tolerance), key
+    ddp_weights = torch.load(tmp_path / "ddp" / "student.pt", weights_only=True)
+    single_weights = torch.load(tmp_path / "single" / "student.pt", weights_only=True)
+    for key in single_weights:
+        torch.testing.assert_close(ddp_weights[key], single_weights[key], rtol=1e-4, atol=1e-5)
+    ddp_log = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    single_log = [json.loads(line) for line in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
+    assert [(e["event"], e.get("step")) for e in ddp_log] == [(e["event"], e.get("step")) for e in single_log]
+    for ours, theirs in zip(ddp_log, single_log):
+        if ours["event"] == "step":
+            assert ours["total"] == pytest.approx(theirs["total"], rel=1e-4)
