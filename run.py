@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Sets up a virtual environment with kdcore built in it, then runs one job.
 
-    python3 run.py demo [args]    # the main job (see README)
+    python3 run.py demo [args]    # kdcore demo: the distillation methods compared on real data
     python3 run.py test [args]    # the test suite; extra args go to pytest
     python3 run.py bench [args]   # python -m benchmarks.kd_loss [args]
 
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent
 VENV = Path(os.environ.get("KDCORE_VENV", ROOT / ".venv"))
 TORCH = os.environ.get("KDCORE_TORCH", "torch>=2.6")
 BUILD_TOOLS = ["setuptools>=69", "wheel", "ninja", "pybind11"]
-EXTRAS = {"demo": "", "bench": "", "test": "[test]"}
+EXTRAS = {"demo": "[demo]", "bench": "", "test": "[test]"}
 # third-party packages a job installs next to kdcore: the tests check that kdcore finds the example plugin
 EXAMPLE_PLUGIN = ROOT / "examples" / "kdcore-plugin-example"
 JOB_PACKAGES = {"test": [EXAMPLE_PLUGIN]}
@@ -74,7 +74,7 @@ def main(argv: list[str]) -> int:
     job, args = argv[0], argv[1:]
     python = ensure_environment(job)
     commands = {
-        "demo": [python, "-m", "benchmarks.kd_loss", "--quick", *args],
+        "demo": [python, "-m", "kdcore", "demo", *args],
         "bench": [python, "-m", "benchmarks.kd_loss", *args],
         "test": [python, "-m", "pytest", *args],
     }

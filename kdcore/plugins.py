@@ -49,6 +49,15 @@ BUILTIN_PLUGINS = (
     ("kdcore.zoo", "kdcore_plugins.zoo"),
     ("kdcore.supervised", "kdcore_plugins.supervised"),
     ("kdcore.response_kd", "kdcore_plugins.response_kd"),
+    ("kdcore.fitnets", "kdcore_plugins.fitnets"),
+    ("kdcore.attention_transfer", "kdcore_plugins.attention_transfer"),
+    ("kdcore.rkd", "kdcore_plugins.rkd"),
+    ("kdcore.byot", "kdcore_plugins.byot"),
+    ("kdcore.pskd", "kdcore_plugins.pskd"),
+    ("kdcore.born_again", "kdcore_plugins.born_again"),
+    ("kdcore.takd", "kdcore_plugins.takd"),
+    ("kdcore.ensemble", "kdcore_plugins.ensemble"),
+    ("kdcore.dml", "kdcore_plugins.dml"),
 )
 
 REGISTRATION_HOOKS = {

@@ -10,10 +10,9 @@ Config key: ``label_smoothing`` (default 0.0).
 
 from __future__ import annotations
 
-import torch.nn.functional as F
-
 import kdcore
 from kdcore.engine.method import options_of
+from kdcore.engine.terms import cross_entropy
 
 
 class Supervised(kdcore.Method):
@@ -30,12 +29,8 @@ class Supervised(kdcore.Method):
         return [kdcore.Stage(self.name, teachers=[])]
 
     def losses(self, batch, outputs, ctx):
-        if batch.labels is None:
-            raise ValueError("supervised: the dataset gives no labels")
-        logits = outputs.student
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch.labels.reshape(-1),
-                             ignore_index=ctx.ignore_index, label_smoothing=self.label_smoothing, reduction="sum")
-        return {"ce": ctx.per_row(ce)}
+        return {"ce": cross_entropy(outputs.student, batch.labels, ctx, label_smoothing=self.label_smoothing,
+                                    method=self.name)}
 
 
 @kdcore.hookimpl

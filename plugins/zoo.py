@@ -5,10 +5,19 @@ Models:
 
 * ``mlp``: ``in_features -> hidden... -> num_classes``, ReLU (and optional dropout) between;
   submodules ``body.<i>`` and ``head`` can be tapped.
+* ``cnn``: ``[N, in_channels, H, W]`` images through 3×3 conv-BN-ReLU blocks (``blocks.<i>``, one
+  per entry of ``channels``; ``stride: 2`` from the second block on halves the map), global average
+  pooling and a linear ``head``: the spatial feature maps feature-based methods transfer.
 * ``tiny_lm``: a next-token model over ``vocab_size`` tokens (embedding, one residual MLP block,
   output head) that takes ``input_ids [B, L]`` and returns logits ``[B, L, V]``.
 
 Datasets (each returns seeded, reproducible ``train`` / ``val`` splits):
+
+* ``digits``: the UCI handwritten digits (1,797 8×8 images, 10 classes; shipped in
+  ``kdcore_plugins/data``, see its README), pixels scaled to [0, 1] as 64 features (or
+  ``[1, 8, 8]`` images with ``images: true``): ``val_fraction`` of every class is held out, and
+  ``train_fraction`` of the rest trained on (a smaller labelled budget; the held-out split and the
+  examples kept do not depend on it beyond their count).
 
 * ``synthetic_classification``: Gaussian inputs labelled by a fixed random two-layer network, a
   task a wide model learns better than a narrow one (so distillation has something to transfer);
@@ -20,6 +29,10 @@ Datasets (each returns seeded, reproducible ``train`` / ``val`` splits):
 
 from __future__ import annotations
 
+import gzip
+from importlib import resources
+
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
@@ -45,6 +58,23 @@ class MLP(nn.Module):
         return self.head(self.body(x))
 
 
+class CNN(nn.Module):
+    def __init__(self, num_classes: int, channels: list[int] | tuple[int, ...] = (16, 32), in_channels: int = 1,
+                 stride: int = 1) -> None:
+        super().__init__()
+        blocks, width = [], in_channels
+        for index, size in enumerate(channels):
+            blocks.append(nn.Sequential(
+                nn.Conv2d(width, size, 3, stride=stride if index else 1, padding=1, bias=False),
+                nn.BatchNorm2d(size), nn.ReLU()))
+            width = size
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(x).mean((2, 3)))
+
+
 class TinyLM(nn.Module):
     def __init__(self, vocab_size: int, dim: int = 32) -> None:
         super().__init__()
@@ -66,6 +96,27 @@ class _Tokens(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return {"input_ids": self.input_ids[index], "labels": self.labels[index]}
+
+
+def digits(val_fraction: float = 0.25, train_fraction: float = 1.0, images: bool = False,
+           seed: int = 0) -> dict[str, Dataset]:
+    with resources.files("kdcore_plugins").joinpath("data/digits.csv.gz").open("rb") as handle:
+        table = np.loadtxt(gzip.open(handle), delimiter=",", dtype=np.float32)
+    inputs = torch.from_numpy(table[:, :-1] / 16.0)
+    labels = torch.from_numpy(table[:, -1]).long()
+    if images:
+        inputs = inputs.reshape(-1, 1, 8, 8)
+    generator = torch.Generator().manual_seed(seed)
+    held_out = torch.zeros(len(labels), dtype=torch.bool)
+    train = torch.zeros(len(labels), dtype=torch.bool)
+    for digit in range(10):  # the same fractions of every class
+        members = (labels == digit).nonzero()[:, 0]
+        order = members[torch.randperm(len(members), generator=generator)]
+        val_count = round(val_fraction * len(members))
+        held_out[order[:val_count]] = True
+        train[order[val_count:val_count + round(train_fraction * (len(members) - val_count))]] = True
+    return {"train": TensorDataset(inputs[train], labels[train]),
+            "val": TensorDataset(inputs[held_out], labels[held_out])}
 
 
 def synthetic_classification(features: int = 32, num_classes: int = 10, train_size: int = 2048,
@@ -104,11 +155,14 @@ def synthetic_tokens(vocab_size: int = 64, seq_len: int = 32, train_size: int = 
 @kdcore.hookimpl
 def kdcore_register_models(register):
     register("mlp", MLP, description="multi-layer perceptron: in_features, num_classes, hidden, dropout")
+    register("cnn", CNN, description="conv-BN-ReLU blocks, global pooling, linear head: num_classes, channels, "
+                                     "in_channels, stride")
     register("tiny_lm", TinyLM, description="next-token model over input_ids: vocab_size, dim")
 
 
 @kdcore.hookimpl
 def kdcore_register_datasets(register):
+    register("digits", digits, description="UCI handwritten digits, 8x8, 10 classes (ships with kdcore)")
     register("synthetic_classification", synthetic_classification,
              description="Gaussian inputs labelled by a random 2-layer network (no download)")
     register("synthetic_tokens", synthetic_tokens,

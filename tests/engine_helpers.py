@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-
 import kdcore
+from kdcore.engine.terms import cross_entropy
 
 FEATURES, CLASSES = 16, 4
 DATA = {"dataset": "synthetic_classification", "batch_size": 32,
@@ -77,7 +76,7 @@ def train_teacher(directory: Path) -> dict[str, Any]:
 
 
 def ce(batch, outputs, ctx) -> torch.Tensor:
-    return ctx.per_row(F.cross_entropy(outputs.student.float(), batch.labels, reduction="sum"))
+    return cross_entropy(outputs.student, batch.labels, ctx)
 
 
 class TwoStage(kdcore.Method):

@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("command, expected", [
-    ([], ["distill", "eval", "plugins", "bench", "--disable-plugins"]),
+    ([], ["distill", "eval", "demo", "plugins", "bench", "--disable-plugins"]),
+    (["demo"], ["--seeds", "--epochs", "--train-fraction", "--output-dir"]),
     (["distill"], ["config", "--resume", "--set KEY=VALUE", "torchrun"]),
     (["eval"], ["config", "--checkpoint"]),
     (["plugins"], ["--json"]),

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
+
+from kdcore.engine.data import Batch, call_model
+from kdcore.engine.method import Outputs
 
 
 class StageContext:
@@ -32,6 +36,7 @@ class StageContext:
         self.example_normalizer = 1.0
         self.ignore_index = -100
         self.features: dict[str, torch.Tensor] = {}
+        self.example: Batch | None = None  # two training examples, for dry_run
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._raw = dict(models)  # the unwrapped modules, which taps and checkpoints use
 
@@ -86,6 +91,35 @@ class StageContext:
 
         self._hooks.append(submodule.register_forward_hook(record))
         return key
+
+    def run_models(self, batch: Batch, trainable: Sequence[str] = (), *, training: bool = False) -> Outputs:
+        """Runs the stage's models on ``batch``. In training, models go through ``models`` (the DDP
+        wrappers) and teachers not in ``trainable`` run under no_grad; otherwise every model runs
+        unwrapped (no DDP collectives, so evaluation shards may differ in length)."""
+        self.features.clear()
+        call = self.models.__getitem__ if training else self.raw
+        student = call_model(call("student"), batch.inputs)
+        teachers = []
+        for role in [r for r in self.models if r != "student"]:
+            with torch.set_grad_enabled(training and role in trainable and torch.is_grad_enabled()):
+                teachers.append(call_model(call(role), batch.inputs))
+        return Outputs(student, teachers, dict(self.features))
+
+    def dry_run(self) -> Outputs:
+        """The models' outputs and tapped features on two training examples, without gradients or
+        mode changes: for :meth:`kdcore.Method.setup` to size the modules it adds (a regressor from
+        student to teacher features) before the optimizer is built."""
+        if self.example is None:
+            raise RuntimeError("dry_run: the engine has not given this context an example batch")
+        modes = {name: self._raw[name].training for name in self.models}
+        try:
+            for name in self.models:
+                self._raw[name].eval()
+            with torch.no_grad():
+                return self.run_models(self.example.to(self.device))
+        finally:
+            for name, mode in modes.items():
+                self._raw[name].train(mode)
 
     def raw(self, name: str) -> nn.Module:
         """The unwrapped model (``"student"``, ``"teacher0"``, ...) or extra module

@@ -28,13 +28,14 @@ import pydantic
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import default_collate
 
 from kdcore import plugins
 from kdcore.engine import checkpoint, distributed
 from kdcore.engine.builders import build_model, build_splits, resolve
 from kdcore.engine.config import ConfigError, ModelSpec, RunConfig, check_names, parse_config
 from kdcore.engine.context import StageContext
-from kdcore.engine.data import Batch, EvalShard, TrainOrder, call_model, loader
+from kdcore.engine.data import Batch, EvalShard, TrainOrder, loader
 from kdcore.engine.method import Method, Outputs, Stage
 from kdcore.engine.metrics import Meter
 from kdcore.engine.optim import build_optimizer, build_scheduler
@@ -50,18 +51,20 @@ class Distiller:
 
     ``config`` is a :class:`RunConfig`, a mapping or a YAML path; ``overrides`` are ``KEY=VALUE``
     strings applied to it; ``callbacks`` are extra callback objects (or registered names) for this
-    run, besides those the config lists. :meth:`fit` trains, :meth:`evaluate` scores a student.
+    run, besides those the config lists; ``console=False`` keeps the run off the console (the
+    metrics file is written all the same). :meth:`fit` trains, :meth:`evaluate` scores a student.
     Stable attributes for callbacks: ``config``, ``output_dir``, ``stages``, ``method``,
     ``student`` (the current stage's student module), ``context`` (the current stage's
     :class:`StageContext`), ``metrics`` (the latest evaluation).
     """
 
     def __init__(self, config: RunConfig | Mapping[str, Any] | str | Path, *, overrides: Sequence[str] = (),
-                 callbacks: Iterable[Any] = ()) -> None:
+                 callbacks: Iterable[Any] = (), console: bool = True) -> None:
         self.config = parse_config(config, list(overrides))
         check_names(self.config)
         self.output_dir = Path(self.config.output_dir)
         self.callbacks = [*self.config.callbacks, *callbacks]
+        self.console = console
         self.method = _make_method(self.config)
         self.stages = _checked_stages(self.method, self.config)
         self.student: nn.Module | None = None
@@ -82,24 +85,26 @@ class Distiller:
     # -- model specs ----------------------------------------------------------------------------
 
     def student_spec(self, index: int) -> ModelSpec:
-        """The spec of stage ``index``'s student ("previous" resolved to a file)."""
+        """The spec of stage ``index``'s student (a reference to an earlier stage resolved to its file)."""
         spec = self.stages[index].student
         if spec is None:
             return self.config.student
-        if spec == "previous":
-            return self._previous(index)
-        return _as_spec(spec, f"stages.{index}.student")
+        return self._resolve(spec, index, f"stages.{index}.student")
 
     def teacher_specs(self, index: int) -> list[ModelSpec]:
         specs = self.stages[index].teachers
         if specs is None:
             return list(self.config.teachers)
-        return [self._previous(index) if spec == "previous" else _as_spec(spec, f"stages.{index}.teachers.{i}")
-                for i, spec in enumerate(specs)]
+        return [self._resolve(spec, index, f"stages.{index}.teachers.{i}") for i, spec in enumerate(specs)]
 
-    def _previous(self, index: int) -> ModelSpec:
-        return self.student_spec(index - 1).model_copy(
-            update={"checkpoint": str(self.stage_model_path(index - 1)), "pretrained": False})
+    def _resolve(self, spec: Any, index: int, key: str) -> ModelSpec:
+        """A stage's model spec, with ``"previous"`` / ``"stage:NAME"`` turned into the spec of that
+        earlier stage's student and the file it was saved to."""
+        earlier = _earlier_stage(spec, index, [stage.name for stage in self.stages])
+        if earlier is None:
+            return _as_spec(spec, key)
+        return self.student_spec(earlier).model_copy(
+            update={"checkpoint": str(self.stage_model_path(earlier)), "pretrained": False})
 
     # -- training -------------------------------------------------------------------------------
 
@@ -118,7 +123,7 @@ class Distiller:
         checkpoint.seed_everything(config.seed)
         train, val = build_splits(config.data)
         _check_batching(config, procs, len(train))
-        log = RunLog(self.output_dir / "metrics.jsonl", enabled=procs.is_main)
+        log = RunLog(self.output_dir / "metrics.jsonl", enabled=procs.is_main, console=self.console)
         first_stage, stage_state = 0, None
         if saved is None:
             log.truncate(0)  # events of an attempt that crashed before its first checkpoint
@@ -226,6 +231,7 @@ class _Stage:
         ctx = self.ctx = run.context = StageContext(run, stage, self.index, device, models)
         ctx.ignore_index = config.data.ignore_index
         run.student = student
+        ctx.example = Batch.from_collated(default_collate([self.train[i] for i in range(min(2, len(self.train)))]))
         run.method.setup(ctx)
         trained = [models[role] for role in stage.trainable] + [ctx.modules[n] for n in sorted(ctx.trainable_modules)]
         self.parameters = _unique_parameters(trained)
@@ -303,7 +309,7 @@ class _Stage:
         for position, batch in enumerate(micro):
             batch = batch.to(procs.device)
             with self._no_sync(position + 1 < len(micro)), _autocast(procs.device, config.training.precision):
-                outputs = forward(ctx, batch, self.stage.trainable, training=True)
+                outputs = ctx.run_models(batch, self.stage.trainable, training=True)
                 terms = _checked_terms(self.run.method, self.run.method.losses(batch, outputs, ctx))
                 self._check_weights(terms)
                 total = sum(self._weight(name) * value for name, value in terms.items())
@@ -349,12 +355,13 @@ class _Stage:
     # -- evaluation -----------------------------------------------------------------------------
 
     def _evaluate_teachers(self) -> None:
-        """Scores each teacher on the held-out split once per run (per distinct teacher)."""
+        """Scores each teacher on the held-out split once per run (per distinct teacher); a teacher
+        the stage trains (a mutual-learning peer) is not a fixed reference and is not scored."""
         run = self.run
         specs = run.teacher_specs(self.index)
         for i, spec in enumerate(specs):
             key = spec.model_dump_json()
-            if key not in run._teacher_metrics:
+            if key not in run._teacher_metrics and f"teacher{i}" not in self.stage.trainable:
                 metrics = evaluate_teacher(run, self.ctx, self.procs, self.val, i)
                 run._teacher_metrics[key] = metrics
                 self.log.event("teacher_eval", stage=self.stage.name, teacher=i, **metrics)
@@ -422,20 +429,6 @@ class _Stage:
 # -- shared by training and `kdcore eval` ---------------------------------------------------------
 
 
-def forward(ctx: StageContext, batch: Batch, trainable: Sequence[str], *, training: bool) -> Outputs:
-    """Runs the stage's models on a batch. Teachers that are not trained run under no_grad; in
-    evaluation every model runs unwrapped (no DDP collectives, so shards may differ in length)."""
-    ctx.features.clear()
-    call = (lambda role: ctx.models[role]) if training else ctx.raw
-    student = call_model(call("student"), batch.inputs)
-    teachers = []
-    for role in [r for r in ctx.models if r != "student"]:
-        grad = training and role in trainable
-        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-            teachers.append(call_model(call(role), batch.inputs))
-    return Outputs(student, teachers, dict(ctx.features))
-
-
 def evaluate_student(run: Distiller, ctx: StageContext, procs: distributed.Processes, val) -> dict[str, float]:
     meter = _meter(run.config)
 
@@ -466,7 +459,7 @@ def _sweep(run: Distiller, ctx: StageContext, procs: distributed.Processes, val,
         with torch.no_grad(), _autocast(procs.device, config.training.precision):
             for collated in batches:
                 batch = Batch.from_collated(collated).to(procs.device)
-                score(batch, forward(ctx, batch, (), training=False))
+                score(batch, ctx.run_models(batch))
     finally:
         for name, mode in modes.items():
             ctx.raw(name).train(mode)
@@ -488,16 +481,21 @@ def _make_method(config: RunConfig) -> Method:
 
 
 def _checked_stages(method: Method, config: RunConfig) -> list[Stage]:
-    stages = method.plan(config)
+    try:
+        stages = method.plan(config)
+    except ValueError as exc:
+        raise ConfigError(f"method: {exc}") from None
     if not isinstance(stages, list) or not stages or not all(isinstance(s, Stage) for s in stages):
         raise TypeError(f"method {config.method.name!r}: plan() must return a non-empty list of kdcore.Stage")
     names = [s.name for s in stages]
     if len(set(names)) != len(names):
         raise ValueError(f"method {config.method.name!r}: stage names must be unique, got {names}")
     for index, stage in enumerate(stages):
-        uses_previous = stage.student == "previous" or "previous" in (stage.teachers or [])
-        if index == 0 and uses_previous:
-            raise ValueError(f"method {config.method.name!r}: the first stage {stage.name!r} cannot use 'previous'")
+        for spec in [stage.student, *(stage.teachers or [])]:
+            try:
+                _earlier_stage(spec, index, names)
+            except ValueError as exc:
+                raise ValueError(f"method {config.method.name!r}: stage {stage.name!r}: {exc}") from None
         if stage.epochs is not None and (not isinstance(stage.epochs, int) or stage.epochs < 1):
             raise ValueError(f"method {config.method.name!r}: stage {stage.name!r} has epochs={stage.epochs!r}")
         if not stage.trainable:
@@ -555,6 +553,21 @@ def _as_spec(spec: Any, key: str) -> ModelSpec:
         except pydantic.ValidationError as exc:
             raise ConfigError(f"{key}: {' '.join(str(exc).split())}") from None
     raise TypeError(f"{key}: a model spec is a ModelSpec, a mapping or 'previous', got {spec!r}")
+
+
+def _earlier_stage(spec: Any, index: int, names: list[str]) -> int | None:
+    """The index of the earlier stage ``spec`` refers to (``"previous"``, ``"stage:NAME"``), or
+    None when it is not such a reference."""
+    if spec == "previous":
+        if index == 0:
+            raise ValueError("the first stage has no previous stage")
+        return index - 1
+    if isinstance(spec, str) and spec.startswith("stage:"):
+        name = spec[len("stage:"):]
+        if name not in names[:index]:
+            raise ValueError(f"{spec!r} does not name an earlier stage (earlier stages: {names[:index] or 'none'})")
+        return names.index(name)
+    return None
 
 
 def _rng_of(saved: Mapping[str, Any], procs: distributed.Processes) -> dict[str, Any]:

@@ -19,11 +19,12 @@ import torch
 class Stage:
     """One training stage, as plain data.
 
-    ``student`` is None (the run config's student, freshly built), ``"previous"`` (the student the
-    previous stage trained, with its weights: keep training it), or a model spec (a
+    ``student`` is None (the run config's student, freshly built), a reference to an earlier stage's
+    trained student (``"previous"``, or ``"stage:NAME"``: keep training it), or a model spec (a
     :class:`kdcore.engine.config.ModelSpec` or a mapping of one). ``teachers`` is None (the run
-    config's teachers) or a list of model specs and ``"previous"`` (the previous stage's student as
-    a teacher: born-again and teacher-assistant chains); an empty list is self-distillation.
+    config's teachers) or a list of model specs and earlier-stage references (born-again
+    generations and teacher-assistant chains teach with earlier students); an empty list is
+    self-distillation.
     ``trainable`` names the models whose parameters the optimizer updates: ``"student"`` and, for
     mutual learning, teachers by position (``"teacher0"``, ...). ``epochs`` None means the run
     config's ``training.epochs``.

@@ -1,0 +1,59 @@
+"""Pieces the built-in methods share (not a plugin itself: it registers nothing)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+import kdcore
+from kdcore.engine.terms import cross_entropy
+from kdcore.functional import loss_options
+
+#: the options of the response-KD term, with Hinton et al.'s defaults
+RESPONSE_DEFAULTS = dict(temperature=4.0, divergence="forward_kl", beta=0.5, alpha=0.1, kd_weight=0.9, ce_weight=0.1)
+
+
+class ResponseTerms:
+    """``kd``: ``kdcore.kd_loss`` between student and teacher logits (T²-scaled, fused kernels);
+    ``ce``: cross-entropy on the labels, present when its weight is positive. Weights go to the
+    method's ``default_weights``."""
+
+    def __init__(self, method: str, options: Mapping[str, Any]) -> None:
+        self.method = method
+        self.kd_options = {key: options[key] for key in ("temperature", "divergence", "beta", "alpha")}
+        loss_options(method, t2_scale=True, reduction="batchmean", ignore_index=-100, kd_weight=options["kd_weight"],
+                     ce_weight=options["ce_weight"], **self.kd_options)
+        self.weights = {"kd": float(options["kd_weight"]), "ce": float(options["ce_weight"])}
+
+    def __call__(self, student: torch.Tensor, teacher: torch.Tensor, batch, ctx) -> dict[str, torch.Tensor]:
+        terms = {"kd": kdcore.kd_loss(student, teacher, labels=batch.labels, ignore_index=ctx.ignore_index,
+                                      normalizer=ctx.normalizer, **self.kd_options)}
+        if self.weights["ce"] > 0:
+            terms["ce"] = cross_entropy(student, batch.labels, ctx, method=self.method)
+        return terms
+
+
+def layer_pairs(method: str, value: Any, key: str = "layers") -> list[tuple[str, str]]:
+    """``[[student_layer, teacher_layer], ...]`` from a config, checked."""
+    if not isinstance(value, (list, tuple)) or not value or not all(
+            isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)
+            for pair in value):
+        raise ValueError(f"{method}: {key} must be a non-empty list of [student_layer, teacher_layer] pairs, "
+                         f"got {value!r}")
+    return [tuple(pair) for pair in value]
+
+
+def pooled(features: torch.Tensor) -> torch.Tensor:
+    """Features as one vector per example: spatial maps ``[N, C, ...]`` are averaged over space."""
+    return features.flatten(2).mean(-1) if features.dim() > 2 else features
+
+
+def linear_for(source: torch.Tensor, target_dim: int) -> nn.Module:
+    """A module mapping features shaped like ``source`` (``[N, D]`` or ``[N, C, H, W]``) to
+    ``target_dim`` channels: a linear layer, or a 1×1 convolution that keeps the spatial map."""
+    if source.dim() == 4:
+        return nn.Conv2d(source.shape[1], target_dim, kernel_size=1, bias=False)
+    return nn.Linear(source.shape[-1], target_dim)
