@@ -7,6 +7,7 @@ Benchmarks print results; they assert nothing about time and write no files unle
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import sys
 import time
@@ -138,3 +139,62 @@ class Result:
 
     def emit(self, stream=sys.stdout) -> None:
         print(json.dumps(asdict(self)), file=stream, flush=True)
+
+
+def measure(steps: dict[str, Callable[[], torch.Tensor]], device: torch.device, *, budget_s: float, max_reps: int,
+            slow: tuple[str, ...] = ()) -> dict[str, tuple]:
+    """Times each step (forward + backward, returning the loss), measures its peak extra memory
+    and keeps its loss: name -> (Timing, extra bytes, loss), or (None, None, "failed: ...") for a
+    step that raised (a peer failing is a result, not a crash). ``slow`` names get 30 % of the
+    budget."""
+    measured = {}
+    for name, step in steps.items():
+        try:
+            timing = time_fn(step, device, budget_s=budget_s * (0.3 if name in slow else 1.0), max_reps=max_reps)
+            extra = peak_extra_bytes(step, device)
+            loss = float(step().detach())
+        except (RuntimeError, TypeError, torch.OutOfMemoryError) as exc:
+            measured[name] = (None, None, f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+            continue
+        measured[name] = (timing, extra, loss)
+    return measured
+
+
+def results(benchmark: str, measured: dict[str, tuple], problem: dict, device: torch.device, limit_ms: float,
+            limit: str) -> list[Result]:
+    """One Result per measured implementation, each with its peers' medians; a loss that differs
+    from kdcore's by more than 1 % is noted."""
+    out = []
+    reference = next((m[2] for k, m in measured.items() if k.startswith("kdcore-") and m[0]), None)
+    for name, (timing, extra, loss) in measured.items():
+        peers = {k: round(m[0].median_ms, 4) for k, m in measured.items() if k != name and m[0]}
+        if timing is None:
+            out.append(Result(benchmark, name, problem, device_name(device), math.nan, math.nan, math.nan, None,
+                              round(limit_ms, 4), 0.0, limit, peers, loss))
+            continue
+        note = None
+        if reference is not None and abs(loss - reference) > 1e-2 * max(1.0, abs(reference)):
+            note = f"loss {loss:.6g} differs from kdcore's {reference:.6g}"
+        out.append(Result(benchmark, name, problem, device_name(device), round(timing.median_ms, 4),
+                          round(timing.p20_ms, 4), round(timing.p80_ms, 4), extra, round(limit_ms, 4),
+                          round(limit_ms / timing.median_ms, 4), limit, peers, note))
+    return out
+
+
+def add_common_arguments(parser, *, temperature: float, max_reps: int) -> None:
+    """The options every benchmark takes: device, implementation filter, loss options, budget."""
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--impls", help="comma list of substrings selecting implementations")
+    parser.add_argument("--temperature", type=float, default=temperature)
+    parser.add_argument("--beta", type=float, default=0.5)
+    parser.add_argument("--quick", action="store_true", help="one small problem, short budget")
+    parser.add_argument("--budget", type=float, default=3.0, help="seconds of timing per implementation")
+    parser.add_argument("--max-reps", type=int, default=max_reps)
+
+
+def problems_for(args, device: torch.device, problems: dict[str, list[str]], quick: dict[str, list[str]]) -> list[str]:
+    """The problems to run: --problems, else the device's default (or quick) set; --quick also
+    shortens the timing budget."""
+    if args.quick:
+        args.budget, args.max_reps = 0.5, 5
+    return args.problems.split(",") if args.problems else (quick if args.quick else problems)[device.type]

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import kdcore
-from benchmarks.common import Result, copy_bandwidth_gbs, device_name, peak_extra_bytes, time_fn
+from benchmarks.common import Result, add_common_arguments, copy_bandwidth_gbs, measure, problems_for, results
 
 PROBLEMS = {
     "cpu": ["float32:512x32000", "float32:2048x32000", "bfloat16:512x128256"],
@@ -116,7 +116,7 @@ def run_problem(spec: str, divergence: str, device: torch.device, bandwidth: flo
     limit_ms = 3 * student.element_size() * n * v / (bandwidth * 1e9) * 1e3
     problem = {"divergence": divergence, "shape": [n, v], "dtype": str(dtype).removeprefix("torch."),
                "temperature": args.temperature}
-    measured = {}
+    steps = {}
     for name, loss_fn in implementations(divergence, device, args).items():
         def step(loss_fn=loss_fn):
             student.grad = None
@@ -124,51 +124,21 @@ def run_problem(spec: str, divergence: str, device: torch.device, bandwidth: flo
             loss.backward()
             return loss
 
-        try:
-            budget = args.budget * (0.3 if name == "kdcore-reference" else 1.0)
-            timing = time_fn(step, device, budget_s=budget, max_reps=args.max_reps)
-            student.grad = None
-            extra = peak_extra_bytes(step, device)
-            loss = float(step().detach())
-        except (RuntimeError, torch.OutOfMemoryError) as exc:  # a peer failing is a result, not a crash
-            measured[name] = (None, None, f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
-            continue
-        measured[name] = (timing, extra, loss)
-    results = []
-    reference_loss = next((m[2] for k, m in measured.items() if k.startswith("kdcore-") and m[0]), None)
-    for name, (timing, extra, loss) in measured.items():
-        peers = {k: round(m[0].median_ms, 4) for k, m in measured.items() if k != name and m[0]}
-        if timing is None:
-            results.append(Result("kd_loss", name, problem, device_name(device), math.nan, math.nan, math.nan,
-                                  None, limit_ms, 0.0, "3 B/elem x size at copy bandwidth", peers, loss))
-            continue
-        note = None
-        if reference_loss is not None and abs(loss - reference_loss) > 1e-2 * max(1.0, abs(reference_loss)):
-            note = f"loss {loss:.6g} differs from kdcore's {reference_loss:.6g}"
-        results.append(Result("kd_loss", name, problem, device_name(device), round(timing.median_ms, 4),
-                              round(timing.p20_ms, 4), round(timing.p80_ms, 4), extra, round(limit_ms, 4),
-                              round(limit_ms / timing.median_ms, 4),
-                              f"{3 * student.element_size()} B/elem at {bandwidth:.1f} GB/s copy", peers, note))
-    return results
+        steps[name] = step
+    measured = measure(steps, device, budget_s=args.budget, max_reps=args.max_reps, slow=("kdcore-reference",))
+    return results("kd_loss", measured, problem, device, limit_ms,
+                   f"{3 * student.element_size()} B/elem at {bandwidth:.1f} GB/s copy")
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--problems", help="comma list of DTYPE:NxV (default: the ANCHORS.md set for the device)")
     parser.add_argument("--divergences", default="forward_kl", help="comma list, or 'all'")
-    parser.add_argument("--impls", help="comma list of substrings selecting implementations")
-    parser.add_argument("--temperature", type=float, default=2.0)
-    parser.add_argument("--beta", type=float, default=0.5)
     parser.add_argument("--alpha", type=float, default=0.1)
-    parser.add_argument("--quick", action="store_true", help="one small problem, short budget")
-    parser.add_argument("--budget", type=float, default=3.0, help="seconds of timing per implementation")
-    parser.add_argument("--max-reps", type=int, default=50)
+    add_common_arguments(parser, temperature=2.0, max_reps=50)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    if args.quick:
-        args.budget, args.max_reps = 0.5, 5
-    problems = args.problems.split(",") if args.problems else (QUICK if args.quick else PROBLEMS)[device.type]
+    problems = problems_for(args, device, PROBLEMS, QUICK)
     divergences = list(kdcore.DIVERGENCES) if args.divergences == "all" else args.divergences.split(",")
     bandwidth = copy_bandwidth_gbs(device)
     for spec in problems:

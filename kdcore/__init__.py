@@ -10,7 +10,7 @@ from kdcore import plugins
 from kdcore.backends import Backend, BackendStatus, backends
 from kdcore.divergences import DIVERGENCES, REDUCTIONS
 from kdcore.engine import Method, Outputs, Stage
-from kdcore.functional import kd_loss
+from kdcore.functional import fused_linear_kd_loss, kd_loss
 from kdcore.losses import KDLoss
 from kdcore.plugins import hookimpl
 
@@ -47,6 +47,7 @@ __all__ = [
     "Stage",
     "StageContext",
     "backends",
+    "fused_linear_kd_loss",
     "hookimpl",
     "kd_loss",
     "plugins",

@@ -10,6 +10,7 @@ from kdcore import _checks
 from kdcore import plugins
 from kdcore.divergences import DIVERGENCES, REDUCTIONS, REDUCTION_NONE
 from kdcore.ops import gpu_choice
+from kdcore.ops.fused_linear import FusedLinearKdLoss, default_chunk_size
 from kdcore.ops.kd_loss import InplaceKdLoss, loss_dtype
 
 
@@ -57,6 +58,24 @@ def _as_rows(x: torch.Tensor, vocab: int) -> torch.Tensor:
     return rows
 
 
+def shared_vocab(fn: str, student: tuple[str, int], teacher: tuple[str, int], vocab_size) -> int:
+    """The compared vocabulary size: the common size when the student's and teacher's (each a
+    ``(name, size)``) are equal, else ``vocab_size``, which must then be given."""
+    (student_name, v_student), (teacher_name, v_teacher) = student, teacher
+    if vocab_size is None:
+        if v_student != v_teacher:
+            raise ValueError(
+                f"{fn}: {teacher_name} has vocabulary size {v_teacher} but {student_name} has {v_student}; "
+                f"pass vocab_size={min(v_student, v_teacher)} to compare the shared part (the extra columns "
+                "are treated as -inf)")
+        return v_student
+    vocab = _checks.integer(fn, "vocab_size", vocab_size)
+    if not 1 <= vocab <= min(v_student, v_teacher):
+        raise ValueError(f"{fn}: vocab_size must lie in [1, {min(v_student, v_teacher)}] (the smaller "
+                         f"vocabulary), got {vocab}")
+    return vocab
+
+
 def logits_as_rows(fn: str, student_logits, teacher_logits, vocab_size):
     """Validates a student/teacher logits pair; returns both as [N, V] rows and the leading shape."""
     student = _checks.logits(fn, "student_logits", student_logits)
@@ -69,19 +88,7 @@ def logits_as_rows(fn: str, student_logits, teacher_logits, vocab_size):
     if teacher.shape[:-1] != leading:
         raise ValueError(f"{fn}: student_logits {tuple(student.shape)} and teacher_logits "
                          f"{tuple(teacher.shape)} must have the same leading dimensions")
-    v_student, v_teacher = student.shape[-1], teacher.shape[-1]
-    if vocab_size is None:
-        if v_student != v_teacher:
-            raise ValueError(
-                f"{fn}: teacher_logits has vocabulary size {v_teacher} but student_logits has {v_student}; "
-                f"pass vocab_size={min(v_student, v_teacher)} to compare the shared part (the extra columns "
-                "are treated as -inf)")
-        vocab = v_student
-    else:
-        vocab = _checks.integer(fn, "vocab_size", vocab_size)
-        if not 1 <= vocab <= min(v_student, v_teacher):
-            raise ValueError(f"{fn}: vocab_size must lie in [1, {min(v_student, v_teacher)}] (the smaller "
-                             f"vocabulary), got {vocab}")
+    vocab = shared_vocab(fn, ("student_logits", student.shape[-1]), ("teacher_logits", teacher.shape[-1]), vocab_size)
     return _as_rows(student, vocab), _as_rows(teacher, vocab), leading
 
 
@@ -194,6 +201,101 @@ def kd_loss(
         op = _op(resolve_op_name("kd_loss", backend, student.device.type, fn))
         loss, _, _ = op(student, teacher, labels, mask, normalizer, *scalars, student_grad, teacher_grad)
     return loss.reshape(leading) if options.reduction == REDUCTION_NONE else loss
+
+
+def fused_linear_kd_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    *,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    divergence: str = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    t2_scale: bool = True,
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    mask: torch.Tensor | None = None,
+    ce_weight: float = 0.0,
+    kd_weight: float = 1.0,
+    reduction: str = "batchmean",
+    normalizer: float | torch.Tensor | None = None,
+    vocab_size: int | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """:func:`kd_loss` of ``student_hidden @ student_weight.T + student_bias`` against the teacher's
+    logits computed the same way, without materializing either ``[N, V]`` logits tensor.
+
+    ``student_hidden [..., Hs]`` and ``teacher_hidden [..., Ht]`` share their leading dimensions;
+    ``student_weight [Vs, Hs]`` and ``teacher_weight [Vt, Ht]`` are the LM heads (``nn.Linear``
+    weights), with optional biases ``[Vs]`` / ``[Vt]``. Rows are processed ``chunk_size`` at a time
+    (default: chunks of logits about as large as the hidden states); each chunk's logits exist only
+    while the fused kd_loss kernel of ``backend`` reads them, and its gradient is folded at once into
+    the gradients of the student's hidden states, weight and bias (weight and bias accumulated in
+    fp32). Every kd_loss option means the same here, except that ``reduction`` is ``"batchmean"``
+    or ``"sum"`` (per-row losses would need the chunks again in backward; use :func:`kd_loss`).
+    The teacher gets no gradient: its tensors must not require one. With vocabularies of different
+    sizes, ``vocab_size`` names the shared first rows of both weights.
+    """
+    fn = "fused_linear_kd_loss"
+    options = loss_options(fn, divergence=divergence, temperature=temperature, beta=beta, alpha=alpha,
+                           t2_scale=t2_scale, kd_weight=kd_weight, ce_weight=ce_weight,
+                           ignore_index=ignore_index, reduction=reduction)
+    if options.reduction == REDUCTION_NONE:
+        raise ValueError(f"{fn}: reduction='none' is not supported (the per-row losses' gradients would need every "
+                         "chunk again in backward); use 'batchmean' or 'sum', or kd_loss on materialized logits")
+    hidden, weight, bias, leading = _linear_head(fn, "student", student_hidden, student_weight, student_bias)
+    t_hidden, t_weight, t_bias, t_leading = _linear_head(fn, "teacher", teacher_hidden, teacher_weight, teacher_bias)
+    _checks.same_device(fn, "student_hidden", hidden, teacher_hidden=t_hidden)
+    if t_leading != leading:
+        raise ValueError(f"{fn}: student_hidden {tuple(student_hidden.shape)} and teacher_hidden "
+                         f"{tuple(teacher_hidden.shape)} must have the same leading dimensions")
+    for name, value in (("teacher_hidden", t_hidden), ("teacher_weight", t_weight), ("teacher_bias", t_bias)):
+        if value is not None and value.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"{fn}: {name} requires grad, but the fused path computes no teacher gradient; detach "
+                             "the teacher's tensors (or use kd_loss on logits for mutual learning)")
+    vocab = shared_vocab(fn, ("student_weight", weight.shape[0]), ("teacher_weight", t_weight.shape[0]), vocab_size)
+    labels, mask, normalizer = row_arguments(fn, hidden, leading, labels, mask, normalizer, options)
+    if chunk_size is None:
+        chunk = default_chunk_size(hidden.shape[0], vocab, hidden.shape[1])
+    else:
+        chunk = _checks.integer(fn, "chunk_size", chunk_size)
+        if chunk < 1:
+            raise ValueError(f"{fn}: chunk_size must be at least 1, got {chunk}")
+    if not isinstance(backend, str):
+        raise TypeError(f"{fn}: backend must be a backend name or 'auto', got {type(backend).__name__}")
+    if backend == "auto" and hidden.device.type == "cuda":
+        backend = gpu_choice.fastest(hidden.dtype, options.divergence, vocab)
+    op = _op(resolve_op_name("kd_loss", backend, hidden.device.type, fn))
+    scalars = (options.temperature, options.divergence, options.mix, options.t2_scale, options.kd_weight,
+               options.ce_weight, options.ignore_index, options.reduction)
+    return FusedLinearKdLoss.apply(op, hidden, weight, bias, t_hidden, t_weight, t_bias, labels, mask, normalizer,
+                                   scalars, vocab, chunk)
+
+
+def _linear_head(fn: str, who: str, hidden, weight, bias):
+    """Validates one model's hidden states ``[..., H]``, weight ``[V, H]`` and bias ``[V]``; returns
+    the hidden states as ``[N, H]`` rows, the weight, the bias and the leading shape."""
+    hidden = _checks.logits(fn, f"{who}_hidden", hidden)
+    weight = _checks.tensor(fn, f"{who}_weight", weight)
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"{fn}: {who}_weight must have shape [V, {hidden.shape[-1]}] (vocabulary x the hidden size "
+                         f"of {who}_hidden), got {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"{fn}: {who}_weight is {weight.dtype} but {who}_hidden is {hidden.dtype}; they must match")
+    _checks.same_device(fn, f"{who}_hidden", hidden, **{f"{who}_weight": weight})
+    if bias is not None:
+        bias = _checks.tensor(fn, f"{who}_bias", bias)
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"{fn}: {who}_bias must have shape [{weight.shape[0]}], got {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"{fn}: {who}_bias is {bias.dtype} but {who}_hidden is {hidden.dtype}; they must match")
+        _checks.same_device(fn, f"{who}_hidden", hidden, **{f"{who}_bias": bias})
+    return hidden.reshape(-1, hidden.shape[-1]), weight, bias, hidden.shape[:-1]
 
 
 def _check_inplace_target(fn: str, student_logits: torch.Tensor, rows: torch.Tensor, teacher: torch.Tensor) -> None:

@@ -275,3 +275,19 @@ def test_batching_errors(tmp_path):
                                    data={"dataset": "synthetic_classification", "batch_size": 512})
     with pytest.raises(ConfigError, match=r"data.batch_size: 512 is larger than the training split \(256 examples\)"):
         kdcore.Distiller(config).fit()
+
+
+def test_a_non_finite_step_leaves_the_weights_alone(tmp_path):
+    before = {}
+
+    class AtStep2:
+        @kdcore.hookimpl
+        def kdcore_step_end(self, run, step):
+            if step == 2:
+                before.update(cloned(run.student))
+
+    config = classification_config(tmp_path, method={"name": "test_distiller:NanAtStep3"})
+    run = kdcore.Distiller(config, callbacks=[AtStep2()])
+    with pytest.raises(FloatingPointError):
+        run.fit()
+    assert_same_weights(cloned(run.student), before)

@@ -319,18 +319,18 @@ class _Stage:
             total.backward()
             for name, value in [*terms.items(), ("total", total)]:
                 totals[name] = totals.get(name, 0.0) + value.detach().float()
+        names = list(totals)
+        values = procs.sum(torch.stack([totals[n].reshape(()) for n in names]).cpu().double()) / procs.world_size
+        losses = dict(zip(names, values.tolist()))
+        bad = [name for name, value in losses.items() if not math.isfinite(value)]
+        if bad:  # checked before the update, so the models keep their last finite weights
+            raise FloatingPointError(f"stage {self.stage.name!r} step {ctx.step}: loss terms {bad} are not finite "
+                                     f"({ {n: losses[n] for n in bad} }); the last checkpoint is intact")
         if config.training.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.parameters, config.training.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        names = list(totals)
-        values = procs.sum(torch.stack([totals[n].reshape(()) for n in names]).cpu().double()) / procs.world_size
-        losses = dict(zip(names, values.tolist()))
-        bad = [name for name, value in losses.items() if not math.isfinite(value)]
-        if bad:
-            raise FloatingPointError(f"stage {self.stage.name!r} step {ctx.step}: loss terms {bad} are not finite "
-                                     f"({ {n: losses[n] for n in bad} }); the last checkpoint is intact")
         return losses
 
     def _check_weights(self, terms: Mapping[str, torch.Tensor]) -> None:
