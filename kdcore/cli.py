@@ -17,6 +17,8 @@ from collections.abc import Sequence
 
 from kdcore import plugins
 
+BENCHMARKS = ("kd_loss", "fused_linear_kd")  # modules of the source tree's benchmarks/ package
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kdcore", description="Knowledge distillation for PyTorch.")
@@ -69,11 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=demo_command)
 
     bench = commands.add_parser("bench", help="run the kernel benchmarks (from a source checkout)",
-                                description="Runs benchmarks.kd_loss with the arguments that follow; see "
-                                            "`kdcore bench --help-bench`. Needs kdcore's source tree as the "
-                                            "working directory.", add_help=True)
+                                description="Runs benchmarks.<NAME> with the arguments that follow; see "
+                                            "`kdcore bench [--benchmark NAME] --help-bench`. Needs kdcore's source "
+                                            "tree as the working directory.")
+    bench.add_argument("--benchmark", choices=BENCHMARKS, default=BENCHMARKS[0],
+                       help=f"which benchmark (default {BENCHMARKS[0]})")
     bench.add_argument("--help-bench", action="store_true", help="show the benchmark's own options")
-    bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments for benchmarks.kd_loss")
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark")
     bench.set_defaults(run=bench_command)
     return parser
 
@@ -121,7 +125,7 @@ def demo_command(args: argparse.Namespace) -> int:
 def bench_command(args: argparse.Namespace) -> int:
     sys.path.insert(0, os.getcwd())
     try:
-        benchmark = importlib.import_module("benchmarks.kd_loss")
+        benchmark = importlib.import_module(f"benchmarks.{args.benchmark}")
     except ModuleNotFoundError:
         raise _UsageError("kdcore bench runs the benchmarks of kdcore's source tree; run it from the repository "
                           f"root (the working directory {os.getcwd()} has no benchmarks/ package)") from None

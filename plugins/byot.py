@@ -23,7 +23,7 @@ from torch import nn
 import kdcore
 from kdcore.engine.method import options_of
 from kdcore.engine.terms import cross_entropy
-from kdcore_plugins.common import pooled
+from kdcore_plugins.common import pooled, without_teachers
 
 
 class ExitHead(nn.Module):
@@ -58,7 +58,7 @@ class BeYourOwnTeacher(kdcore.Method):
                                 "exit_hint": float(options["hint_weight"])}
 
     def plan(self, config):
-        return [kdcore.Stage(self.name, teachers=[])]
+        return [kdcore.Stage(self.name, teachers=without_teachers(self.name, config))]
 
     def setup(self, ctx):
         self.keys = [ctx.tap("student", layer) for layer in self.exits]

@@ -36,6 +36,15 @@ class ResponseTerms:
         return terms
 
 
+def without_teachers(method: str, config) -> list:
+    """The (empty) teacher list of a method that trains without a teacher; teachers in the run
+    config would be ignored, so they are an error instead."""
+    if config.teachers:
+        raise ValueError(f"{method} trains without a teacher, but the run config lists {len(config.teachers)}; "
+                         "remove them (teachers: [])")
+    return []
+
+
 def layer_pairs(method: str, value: Any, key: str = "layers") -> list[tuple[str, str]]:
     """``[[student_layer, teacher_layer], ...]`` from a config, checked."""
     if not isinstance(value, (list, tuple)) or not value or not all(

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import kdcore
 from kdcore.engine.method import options_of
-from kdcore_plugins.common import ResponseTerms
+from kdcore_plugins.common import ResponseTerms, without_teachers
 
 
 class MutualLearning(kdcore.Method):
@@ -31,6 +31,7 @@ class MutualLearning(kdcore.Method):
                                 "peer_ce": self.response.weights["ce"]}
 
     def plan(self, config):
+        without_teachers(self.name, config)  # the peer is the only other model
         peer = self.peer if self.peer is not None else config.student.model_copy(update={"checkpoint": None})
         return [kdcore.Stage(self.name, teachers=[peer], trainable=("student", "teacher0"))]
 

@@ -7,7 +7,7 @@ targets. In epoch t of T the target is (1 − α_t) · one-hot(y) + α_t · p_sn
 is a frozen copy of the student kept as an extra module (so a resumed run has it), refreshed at
 the first step of every epoch.
 
-Config keys: ``alpha`` (α_T, default 0.8).
+For classification (one label per example). Config keys: ``alpha`` (α_T, default 0.8).
 """
 
 from __future__ import annotations
@@ -19,8 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import kdcore
+from kdcore.engine.data import call_model
 from kdcore.engine.method import options_of
 from kdcore.engine.terms import cross_entropy, soft_cross_entropy
+from kdcore_plugins.common import without_teachers
 
 
 class Snapshot(nn.Module):
@@ -30,9 +32,6 @@ class Snapshot(nn.Module):
         super().__init__()
         self.model = copy.deepcopy(model)
         self.register_buffer("epoch", torch.tensor(-1))
-
-    def forward(self, inputs):
-        return self.model(**inputs) if isinstance(inputs, dict) else self.model(inputs)
 
 
 class ProgressiveSelfKD(kdcore.Method):
@@ -46,7 +45,7 @@ class ProgressiveSelfKD(kdcore.Method):
             raise ValueError(f"pskd: alpha must lie in [0, 1], got {self.alpha}")
 
     def plan(self, config):
-        return [kdcore.Stage(self.name, teachers=[])]
+        return [kdcore.Stage(self.name, teachers=without_teachers(self.name, config))]
 
     def setup(self, ctx):
         ctx.add_module("snapshot", Snapshot(ctx.raw("student")), trainable=False)
@@ -62,7 +61,7 @@ class ProgressiveSelfKD(kdcore.Method):
         alpha = self.alpha * ctx.epoch / epochs
         with torch.no_grad():
             snapshot.eval()
-            past = snapshot(batch.inputs).float().softmax(-1)
+            past = call_model(snapshot.model, batch.inputs).float().softmax(-1)
         target = (1 - alpha) * F.one_hot(batch.labels, outputs.student.shape[-1]).float() + alpha * past
         return {"ce": soft_cross_entropy(outputs.student, target, ctx)}
 

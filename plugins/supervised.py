@@ -13,6 +13,7 @@ from __future__ import annotations
 import kdcore
 from kdcore.engine.method import options_of
 from kdcore.engine.terms import cross_entropy
+from kdcore_plugins.common import without_teachers
 
 
 class Supervised(kdcore.Method):
@@ -26,7 +27,7 @@ class Supervised(kdcore.Method):
             raise ValueError(f"label_smoothing must lie in [0, 1), got {self.label_smoothing}")
 
     def plan(self, config):
-        return [kdcore.Stage(self.name, teachers=[])]
+        return [kdcore.Stage(self.name, teachers=without_teachers(self.name, config))]
 
     def losses(self, batch, outputs, ctx):
         return {"ce": cross_entropy(outputs.student, batch.labels, ctx, label_smoothing=self.label_smoothing,

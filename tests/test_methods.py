@@ -247,3 +247,10 @@ def test_feature_methods_on_spatial_maps(tmp_path):
     _, _, _, steps = run(tmp_path / "at", {"name": "attention_transfer", "layers": [["blocks.0", "blocks.0"]]},
                          [teacher], student=cnn([8, 8]), data=data, training={"epochs": 2})
     assert steps[-1]["attention"] < steps[0]["attention"]
+
+
+@pytest.mark.parametrize("method", ["supervised", "pskd", "dml"])
+def test_teacherless_methods_refuse_config_teachers(tmp_path, teacher, method):
+    with pytest.raises(ConfigError, match=rf"method: {method} trains without a teacher, but the run config lists 1; "
+                                          r"remove them \(teachers: \[\]\)"):
+        kdcore.Distiller(classification_config(tmp_path, method={"name": method}, teachers=[teacher]))
