@@ -2,11 +2,11 @@
 Attention" (ICLR 2017), activation-based attention.
 
 A layer's attention map is the mean over channels of its squared activations, flattened and
-L2-normalized; the student matches the teacher's map at each named pair of layers (no parameters:
-the maps must have the same number of positions; for ``[N, D]`` features the map is over the D
-units). The term is the squared distance between normalized maps, averaged over positions and
-summed over pairs, weighted by ``beta / 2`` as in the paper; the labels' cross-entropy and
-(optionally) response KD are added.
+L2-normalized; the student matches the teacher's map at each named pair of layers. There are no
+parameters, so the maps must have the same number of positions: pixels of ``[N, C, H, W]`` maps,
+tokens of ``[N, L, D]`` sequences, or the D units of ``[N, D]`` features. The term is the squared
+distance between normalized maps, averaged over positions and summed over pairs, weighted by
+``beta / 2`` as in the paper; the labels' cross-entropy and (optionally) response KD are added.
 
 Config keys: ``layers`` (required: ``[[student_layer, teacher_layer], ...]``), ``beta`` (default
 1000), ``ce_weight`` (default 1.0), ``kd_weight`` (default 0: no output term), ``temperature``
@@ -23,9 +23,13 @@ from kdcore_plugins.common import ResponseTerms, layer_pairs
 
 
 def attention_map(features):
-    """Σ_c A_c² / C over channels, flattened and L2-normalized per example."""
+    """Σ_c A_c² / C over channels (dim 1 of ``[N, C, H, W]``, the last of ``[N, L, D]``; ``[N, D]``
+    is its own map), flattened and L2-normalized per example."""
     energy = features.float().pow(2)
-    energy = energy.mean(1) if energy.dim() > 2 else energy
+    if energy.dim() == 4:
+        energy = energy.mean(1)
+    elif energy.dim() == 3:
+        energy = energy.mean(-1)
     return F.normalize(energy.flatten(1), dim=1)
 
 

@@ -7,7 +7,8 @@ then a linear classifier; spatial maps are average-pooled) is added as a trainab
 exit, three terms: cross-entropy on the labels (``exit_ce``, weight 1 − α), KL from the final
 output softened at ``temperature`` (``exit_kd``, weight α, the teacher side detached), and, with
 ``feature_layer``, an L2 hint from the deepest features to the exit's bottleneck (``exit_hint``,
-weight λ). The final output trains on the labels (``ce``). The student is the whole network; exits
+weight λ). The final output trains on the labels (``ce``). For classification: exits predict one
+label per example. The student is the whole network; exits
 are training scaffolding, saved in checkpoints and dropped after training.
 
 Config keys: ``exits`` (required: submodule paths, shallow to deep), ``feature_layer`` (default

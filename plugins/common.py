@@ -56,13 +56,29 @@ def layer_pairs(method: str, value: Any, key: str = "layers") -> list[tuple[str,
 
 
 def pooled(features: torch.Tensor) -> torch.Tensor:
-    """Features as one vector per example: spatial maps ``[N, C, ...]`` are averaged over space."""
-    return features.flatten(2).mean(-1) if features.dim() > 2 else features
+    """Features as one vector per example: spatial maps ``[N, C, H, W]`` averaged over space,
+    sequences ``[N, L, D]`` over positions."""
+    if features.dim() == 4:
+        return features.mean((2, 3))
+    if features.dim() == 3:
+        return features.mean(1)
+    return features
 
 
-def linear_for(source: torch.Tensor, target_dim: int) -> nn.Module:
-    """A module mapping features shaped like ``source`` (``[N, D]`` or ``[N, C, H, W]``) to
-    ``target_dim`` channels: a linear layer, or a 1×1 convolution that keeps the spatial map."""
+def width(features: torch.Tensor) -> int:
+    """The feature size: channels of a ``[N, C, H, W]`` map, else the last dimension (``[N, D]``,
+    ``[N, L, D]``)."""
+    return features.shape[1] if features.dim() == 4 else features.shape[-1]
+
+
+def positions(features: torch.Tensor) -> tuple[int, ...]:
+    """The positions a feature size is given at: the spatial map, or the sequence."""
+    return tuple(features.shape[2:] if features.dim() == 4 else features.shape[1:-1])
+
+
+def linear_for(source: torch.Tensor, target_width: int) -> nn.Module:
+    """A module mapping features shaped like ``source`` to ``target_width`` features at the same
+    positions: a 1×1 convolution for spatial maps, a linear layer otherwise."""
     if source.dim() == 4:
-        return nn.Conv2d(source.shape[1], target_dim, kernel_size=1, bias=False)
-    return nn.Linear(source.shape[-1], target_dim)
+        return nn.Conv2d(source.shape[1], target_width, kernel_size=1, bias=False)
+    return nn.Linear(source.shape[-1], target_width)

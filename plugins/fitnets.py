@@ -2,9 +2,11 @@
 
 At each named pair of layers, a trainable regressor maps the student's features (the "guided"
 layer) onto the teacher's (the "hint" layer), and the squared error between them is minimized,
-together with response KD on the outputs. Regressors are linear layers, or 1×1 convolutions for
-spatial maps (which must then have the same height and width); they are sized from a dry run,
-trained with the student, checkpointed, and dropped after training. Features are read with
+together with response KD on the outputs. Regressors are linear layers over the last dimension
+(``[N, D]``, or sequences ``[N, L, D]``), or 1×1 convolutions for spatial maps ``[N, C, H, W]``;
+student and teacher features must have the same positions (height and width, or sequence length).
+Regressors are sized from a dry run, trained with the student, checkpointed, and dropped after
+training. Features are read with
 forward hooks, the models are not edited. By default hints and outputs train jointly (one stage,
 ``fitnets``); ``hint_epochs`` > 0 follows the paper instead: a stage ``hints`` of hint-only
 training, then a stage ``distill`` of response KD that continues from its student.
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import kdcore
 from kdcore.engine.method import options_of
-from kdcore_plugins.common import RESPONSE_DEFAULTS, ResponseTerms, layer_pairs, linear_for
+from kdcore_plugins.common import RESPONSE_DEFAULTS, ResponseTerms, layer_pairs, linear_for, positions, width
 
 
 class FitNets(kdcore.Method):
@@ -49,11 +51,11 @@ class FitNets(kdcore.Method):
         features = ctx.dry_run().features
         for index, (student_key, teacher_key) in enumerate(self.keys):
             student, teacher = features[student_key], features[teacher_key]
-            if student.dim() != teacher.dim() or student.shape[2:] != teacher.shape[2:]:
-                raise ValueError(f"fitnets: hint pair {self.hints[index]} has student features "
+            if student.dim() != teacher.dim() or positions(student) != positions(teacher):
+                raise ValueError(f"fitnets: hint pair {list(self.hints[index])} has student features "
                                  f"{tuple(student.shape[1:])} and teacher features {tuple(teacher.shape[1:])}; "
-                                 "spatial sizes must match")
-            ctx.add_module(f"regressor{index}", linear_for(student, teacher.shape[1]))
+                                 "they must have the same positions (spatial size or sequence length)")
+            ctx.add_module(f"regressor{index}", linear_for(student, width(teacher)))
 
     def losses(self, batch, outputs, ctx):
         if ctx.stage.name == "distill":

@@ -2,10 +2,11 @@
 
 Instead of matching outputs one example at a time, the student matches the teacher's *relations*
 among the examples of a micro-batch: RKD-D, the pairwise distances normalized by their mean
-(Huber loss), and RKD-A, the angles formed by every triplet (Huber loss on cosines). Embeddings are
-the outputs of the named layers (spatial maps are average-pooled), or the logits by default; student
-and teacher embeddings may have different sizes. The labels' cross-entropy is added. The relations
-are computed within each micro-batch, so gradient accumulation changes which pairs are compared.
+(Huber loss), and RKD-A, the angles formed by every triplet (Huber loss on cosines). Embeddings
+are the outputs of the named layers (spatial maps and sequences are average-pooled to one vector
+per example), or the logits by default; student and teacher embeddings may have different sizes.
+The labels' cross-entropy is added. The relations are computed within each micro-batch, so
+gradient accumulation changes which pairs are compared.
 
 Config keys: ``student_layer`` and ``teacher_layer`` (default None: the logits), ``distance_weight``
 (default 25), ``angle_weight`` (default 50), ``ce_weight`` (default 1.0).

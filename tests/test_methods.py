@@ -254,3 +254,18 @@ def test_teacherless_methods_refuse_config_teachers(tmp_path, teacher, method):
     with pytest.raises(ConfigError, match=rf"method: {method} trains without a teacher, but the run config lists 1; "
                                           r"remove them \(teachers: \[\]\)"):
         kdcore.Distiller(classification_config(tmp_path, method={"name": method}, teachers=[teacher]))
+
+
+def test_fitnets_on_sequences(tmp_path):
+    """Hints between language models: [N, L, D] features, a linear regressor over D."""
+    from engine_helpers import lm_config
+
+    kdcore.Distiller(lm_config(tmp_path / "teacher", method={"name": "supervised"}, training={"epochs": 1},
+                               student={"model": "tiny_lm", "options": {"vocab_size": 64, "dim": 32}})).fit()
+    teacher = {"model": "tiny_lm", "options": {"vocab_size": 64, "dim": 32},
+               "checkpoint": str(tmp_path / "teacher" / "student.pt")}
+    watch = Watch()
+    config = lm_config(tmp_path / "kd", method={"name": "fitnets", "hints": [["block", "block"]]}, teachers=[teacher],
+                       training={"epochs": 1})
+    kdcore.Distiller(config, callbacks=[watch]).fit()
+    assert watch.end["fitnets"]["regressor0"]["weight"].shape == (32, 16)  # student dim 16 -> teacher dim 32
