@@ -27,6 +27,11 @@ class LossOptions:
     ignore_index: int
     reduction: int
 
+    def scalars(self) -> tuple:
+        """The options in the order the kd_loss ops take them (after ``normalizer``)."""
+        return (self.temperature, self.divergence, self.mix, self.t2_scale, self.kd_weight, self.ce_weight,
+                self.ignore_index, self.reduction)
+
 
 def loss_options(fn: str, *, divergence: str, temperature, beta, alpha, t2_scale, kd_weight, ce_weight,
                  ignore_index, reduction: str) -> LossOptions:
@@ -184,15 +189,11 @@ def kd_loss(
                            ignore_index=ignore_index, reduction=reduction)
     student, teacher, leading = logits_as_rows(fn, student_logits, teacher_logits, vocab_size)
     labels, mask, normalizer = row_arguments(fn, student, leading, labels, mask, normalizer, options)
-    if not isinstance(backend, str):
-        raise TypeError(f"{fn}: backend must be a backend name or 'auto', got {type(backend).__name__}")
+    backend = _chosen_backend(fn, backend, student, options, student.shape[1])
     inplace_grad = _checks.boolean(fn, "inplace_grad", inplace_grad)
-    if backend == "auto" and student.device.type == "cuda":
-        backend = gpu_choice.fastest(student.dtype, options.divergence, student.shape[1])
     grad_enabled = torch.is_grad_enabled()
     student_grad, teacher_grad = grad_enabled and student.requires_grad, grad_enabled and teacher.requires_grad
-    scalars = (options.temperature, options.divergence, options.mix, options.t2_scale, options.kd_weight,
-               options.ce_weight, options.ignore_index, options.reduction)
+    scalars = options.scalars()
     if inplace_grad and student_grad:
         _check_inplace_target(fn, student_logits, student, teacher)
         op = _op(resolve_op_name("kd_loss_inplace", backend, student.device.type, fn))
@@ -266,15 +267,20 @@ def fused_linear_kd_loss(
         chunk = _checks.integer(fn, "chunk_size", chunk_size)
         if chunk < 1:
             raise ValueError(f"{fn}: chunk_size must be at least 1, got {chunk}")
+    backend = _chosen_backend(fn, backend, hidden, options, vocab)
+    op = _op(resolve_op_name("kd_loss", backend, hidden.device.type, fn))
+    return FusedLinearKdLoss.apply(op, hidden, weight, bias, t_hidden, t_weight, t_bias, labels, mask, normalizer,
+                                   options.scalars(), vocab, chunk)
+
+
+def _chosen_backend(fn: str, backend, rows: torch.Tensor, options: LossOptions, vocab: int) -> str:
+    """``backend`` checked; ``"auto"`` on CUDA becomes the measured-fastest GPU backend for the
+    problem (elsewhere resolution by priority happens in resolve_op_name)."""
     if not isinstance(backend, str):
         raise TypeError(f"{fn}: backend must be a backend name or 'auto', got {type(backend).__name__}")
-    if backend == "auto" and hidden.device.type == "cuda":
-        backend = gpu_choice.fastest(hidden.dtype, options.divergence, vocab)
-    op = _op(resolve_op_name("kd_loss", backend, hidden.device.type, fn))
-    scalars = (options.temperature, options.divergence, options.mix, options.t2_scale, options.kd_weight,
-               options.ce_weight, options.ignore_index, options.reduction)
-    return FusedLinearKdLoss.apply(op, hidden, weight, bias, t_hidden, t_weight, t_bias, labels, mask, normalizer,
-                                   scalars, vocab, chunk)
+    if backend == "auto" and rows.device.type == "cuda":
+        return gpu_choice.fastest(rows.dtype, options.divergence, vocab)
+    return backend
 
 
 def _linear_head(fn: str, who: str, hidden, weight, bias):

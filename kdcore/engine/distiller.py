@@ -430,19 +430,25 @@ class _Stage:
 
 
 def evaluate_student(run: Distiller, ctx: StageContext, procs: distributed.Processes, val) -> dict[str, float]:
-    meter = _meter(run.config)
-
-    def score(batch: Batch, outputs: Outputs) -> None:
-        meter.update(outputs.student, batch.labels, run.method.teacher_logits(outputs))
-
-    _sweep(run, ctx, procs, val, score)
-    meter.sums = procs.sum(meter.sums)
-    return meter.compute()
+    """The student's metrics on ``val``, against what the method compares it with."""
+    return _metrics(run, ctx, procs, val, lambda outputs: (outputs.student, run.method.teacher_logits(outputs)))
 
 
 def evaluate_teacher(run: Distiller, ctx: StageContext, procs: distributed.Processes, val, index: int) -> dict[str, float]:
+    """Teacher ``index``'s own metrics on ``val``."""
+    return _metrics(run, ctx, procs, val, lambda outputs: (outputs.teachers[index], None))
+
+
+def _metrics(run: Distiller, ctx: StageContext, procs: distributed.Processes, val, pick) -> dict[str, float]:
+    """Metrics of the prediction ``pick(outputs)`` gives as ``(logits, reference logits or None)``,
+    summed over every process's shard."""
     meter = _meter(run.config)
-    _sweep(run, ctx, procs, val, lambda batch, outputs: meter.update(outputs.teachers[index], batch.labels))
+
+    def score(batch: Batch, outputs: Outputs) -> None:
+        prediction, reference = pick(outputs)
+        meter.update(prediction, batch.labels, reference)
+
+    _sweep(run, ctx, procs, val, score)
     meter.sums = procs.sum(meter.sums)
     return meter.compute()
 

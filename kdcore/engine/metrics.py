@@ -44,13 +44,14 @@ class Meter:
             keep = labels != self.ignore_index
             rows, labels = rows[keep], labels[keep]
             log_probs = rows.log_softmax(-1)
-            confidence, prediction = log_probs.max(-1)
+            top_log_prob, prediction = log_probs.max(-1)
+            confidence = top_log_prob.exp()
             correct = (prediction == labels).double()
             sums[_ROWS] = rows.shape[0]
             sums[_CORRECT] = correct.sum()
             sums[_NLL] = F.nll_loss(log_probs, labels, reduction="sum").double()
-            bin_index = (confidence.exp() * self.bins).long().clamp_(max=self.bins - 1)
-            sums[6:6 + self.bins] = torch.bincount(bin_index, confidence.exp().double(), minlength=self.bins)
+            bin_index = (confidence * self.bins).long().clamp_(max=self.bins - 1)
+            sums[6:6 + self.bins] = torch.bincount(bin_index, confidence.double(), minlength=self.bins)
             sums[6 + self.bins:] = torch.bincount(bin_index, correct, minlength=self.bins)
         if teacher_logits is not None:
             teacher = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1]).float()[keep]

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from kdcore.divergences import REDUCTIONS
-from kdcore.ops.kd_loss import kept_rows, loss_dtype
+from kdcore.ops.kd_loss import kept_rows, loss_dtype, reduction_divisor
 
-_REDUCTION = 7  # position of the reduction in the kd_loss op's scalar arguments
+_IGNORE_INDEX, _REDUCTION = 6, 7  # positions in the kd_loss op's scalar arguments
 
 
 MIN_CHUNK_ELEMENTS = 1 << 22  # 4 Mi logits (16 MiB in fp32): below that, per-chunk overheads dominate
@@ -57,8 +57,8 @@ class FusedLinearKdLoss(torch.autograd.Function):
         scalars = list(scalars)
         if scalars[_REDUCTION] == REDUCTIONS["batchmean"] and normalizer is None:
             # the divisor of the whole batch, so each chunk's loss and gradient are its share
-            kept = kept_rows(rows, labels, mask, scalars[6], hidden.device)
-            normalizer = kept.sum().to(loss_dtype(hidden)).clamp_min(1)
+            kept = kept_rows(rows, labels, mask, scalars[_IGNORE_INDEX], hidden.device)
+            normalizer = reduction_divisor(kept, None, scalars[_REDUCTION], loss_dtype(hidden))
         wants = (ctx.needs_input_grad[1], ctx.needs_input_grad[2],
                                         bias is not None and ctx.needs_input_grad[3])
         student_grad = any(wants)
