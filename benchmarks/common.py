@@ -141,16 +141,18 @@ class Result:
         print(json.dumps(asdict(self)), file=stream, flush=True)
 
 
-def measure(steps: dict[str, Callable[[], torch.Tensor]], device: torch.device, *, budget_s: float, max_reps: int,
-            slow: tuple[str, ...] = ()) -> dict[str, tuple]:
+def measure(steps: dict[str, Callable[[], torch.Tensor]], device: torch.device, *, reset: Callable[[], None],
+            budget_s: float, max_reps: int, slow: tuple[str, ...] = ()) -> dict[str, tuple]:
     """Times each step (forward + backward, returning the loss), measures its peak extra memory
     and keeps its loss: name -> (Timing, extra bytes, loss), or (None, None, "failed: ...") for a
-    step that raised (a peer failing is a result, not a crash). ``slow`` names get 30 % of the
-    budget."""
+    step that raised (a peer failing is a result, not a crash). ``reset`` drops the gradients the
+    last timed step left, so the memory measurement starts from the inputs alone. ``slow`` names
+    get 30 % of the budget."""
     measured = {}
     for name, step in steps.items():
         try:
             timing = time_fn(step, device, budget_s=budget_s * (0.3 if name in slow else 1.0), max_reps=max_reps)
+            reset()
             extra = peak_extra_bytes(step, device)
             loss = float(step().detach())
         except (RuntimeError, TypeError, torch.OutOfMemoryError) as exc:

@@ -110,7 +110,10 @@ def run_problem(spec: str, device: torch.device, args) -> list[Result]:
             return loss
 
         steps[name] = step
-    measured = measure(steps, device, budget_s=args.budget, max_reps=args.max_reps)
+    def reset():
+        hs.grad = ws.grad = None
+
+    measured = measure(steps, device, reset=reset, budget_s=args.budget, max_reps=args.max_reps)
     return results("fused_linear_kd", measured, problem, device, limit_ms,
                    f"{flops / 1e12:.3f} TFLOP at {rate:.1f} TFLOP/s measured matmul rate")
 

@@ -125,7 +125,8 @@ def run_problem(spec: str, divergence: str, device: torch.device, bandwidth: flo
             return loss
 
         steps[name] = step
-    measured = measure(steps, device, budget_s=args.budget, max_reps=args.max_reps, slow=("kdcore-reference",))
+    measured = measure(steps, device, reset=lambda: setattr(student, "grad", None), budget_s=args.budget,
+                       max_reps=args.max_reps, slow=("kdcore-reference",))
     return results("kd_loss", measured, problem, device, limit_ms,
                    f"{3 * student.element_size()} B/elem at {bandwidth:.1f} GB/s copy")
 
