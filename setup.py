@@ -56,7 +56,7 @@ def cpu_extensions():
         extensions.append(
             CppExtension(
                 name=f"kdcore._cpu_{isa}",
-                sources=["csrc/cpu/kd_loss.cpp"],
+                sources=sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp")),
                 include_dirs=INCLUDE,
                 extra_compile_args={"cxx": OPTIMIZE + ["-fopenmp"] + flags + defines},
             )

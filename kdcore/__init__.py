@@ -12,6 +12,7 @@ from kdcore.divergences import DIVERGENCES, REDUCTIONS
 from kdcore.engine import Method, Outputs, Stage
 from kdcore.functional import fused_linear_kd_loss, kd_loss
 from kdcore.losses import KDLoss
+from kdcore.sparse import SparseTeacher
 from kdcore.plugins import hookimpl
 
 __version__ = "0.1.0"
@@ -44,6 +45,7 @@ __all__ = [
     "Outputs",
     "REDUCTIONS",
     "RunConfig",
+    "SparseTeacher",
     "Stage",
     "StageContext",
     "backends",

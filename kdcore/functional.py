@@ -12,6 +12,8 @@ from kdcore.divergences import DIVERGENCES, REDUCTIONS, REDUCTION_NONE
 from kdcore.ops import gpu_choice
 from kdcore.ops.fused_linear import FusedLinearKdLoss, default_chunk_size
 from kdcore.ops.kd_loss import InplaceKdLoss, loss_dtype
+from kdcore.ops.kd_loss_sparse import SPARSE_MODES
+from kdcore.sparse import SparseTeacher
 
 
 @dataclass(frozen=True)
@@ -127,8 +129,10 @@ def _reduction_name(code: int) -> str:
 
 def kd_loss(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | SparseTeacher | None = None,
     *,
+    teacher: SparseTeacher | torch.Tensor | None = None,
+    sparse_mode: str = "tail",
     divergence: str = "forward_kl",
     temperature: float = 1.0,
     beta: float = 0.5,
@@ -173,6 +177,17 @@ def kd_loss(
     and the rest count as ``-inf``.
 
     Gradients flow to the student, and to the teacher when it requires grad (mutual learning).
+
+    The teacher may instead be a :class:`kdcore.SparseTeacher` (its top-k indices and
+    log-probabilities, e.g. from a teacher-logit cache), given as ``teacher_logits`` or as
+    ``teacher=``. Its log-probabilities are taken as they are (the teacher's temperature was
+    applied when they were made); ``temperature`` applies to the student. ``sparse_mode="tail"``
+    compares the k entries plus one bucket holding the rest of the vocabulary on both sides (the
+    teacher's tail is ``1 - Σ exp(logprobs)``); ``"renorm"`` compares the k entries only, both
+    sides renormalized over them. Every divergence, reduction, label, mask and CE option applies;
+    ``inplace_grad`` does not, and the teacher gets no gradient. With ``vocab_size`` the student's
+    extra columns are dropped and every index must lie below it.
+
     ``inplace_grad=True`` writes the student gradient over ``student_logits`` during this call,
     **destroying the logits**, and backward hands that buffer out as their gradient: no ``[N, V]``
     tensor is allocated at all. ``student_logits`` must be the output of a differentiable
@@ -187,10 +202,17 @@ def kd_loss(
     options = loss_options(fn, divergence=divergence, temperature=temperature, beta=beta, alpha=alpha,
                            t2_scale=t2_scale, kd_weight=kd_weight, ce_weight=ce_weight,
                            ignore_index=ignore_index, reduction=reduction)
+    inplace_grad = _checks.boolean(fn, "inplace_grad", inplace_grad)
+    teacher_logits = _one_teacher(fn, teacher_logits, teacher)
+    if isinstance(teacher_logits, SparseTeacher):
+        if inplace_grad:
+            raise ValueError(f"{fn}: inplace_grad=True is not supported with a SparseTeacher")
+        mode = SPARSE_MODES[_checks.choice(fn, "sparse_mode", sparse_mode, SPARSE_MODES)]
+        return _sparse_kd_loss(fn, student_logits, teacher_logits, mode, options, labels, mask, normalizer,
+                               vocab_size, backend)
     student, teacher, leading = logits_as_rows(fn, student_logits, teacher_logits, vocab_size)
     labels, mask, normalizer = row_arguments(fn, student, leading, labels, mask, normalizer, options)
     backend = _chosen_backend(fn, backend, student, options, student.shape[1])
-    inplace_grad = _checks.boolean(fn, "inplace_grad", inplace_grad)
     grad_enabled = torch.is_grad_enabled()
     student_grad, teacher_grad = grad_enabled and student.requires_grad, grad_enabled and teacher.requires_grad
     scalars = options.scalars()
@@ -201,6 +223,34 @@ def kd_loss(
     else:
         op = _op(resolve_op_name("kd_loss", backend, student.device.type, fn))
         loss, _, _ = op(student, teacher, labels, mask, normalizer, *scalars, student_grad, teacher_grad)
+    return loss.reshape(leading) if options.reduction == REDUCTION_NONE else loss
+
+
+def _one_teacher(fn: str, teacher_logits, teacher):
+    """The teacher, given either positionally (``teacher_logits``) or as ``teacher=``."""
+    if (teacher_logits is None) == (teacher is None):
+        raise TypeError(f"{fn}: give the teacher once: teacher_logits (a tensor or a SparseTeacher) or teacher=")
+    return teacher if teacher_logits is None else teacher_logits
+
+
+def _sparse_kd_loss(fn, student_logits, teacher: SparseTeacher, sparse_mode: int, options: LossOptions, labels, mask,
+                    normalizer, vocab_size, backend):
+    """kd_loss against a SparseTeacher (the kd_loss_sparse op family)."""
+    student = _checks.logits(fn, "student_logits", student_logits)
+    leading = student.shape[:-1]
+    vocab = student.shape[-1]
+    if vocab_size is not None:
+        vocab = _checks.integer(fn, "vocab_size", vocab_size)
+        if not 1 <= vocab <= student.shape[-1]:
+            raise ValueError(f"{fn}: vocab_size must lie in [1, {student.shape[-1]}] (the student's vocabulary), "
+                             f"got {vocab}")
+    rows = _as_rows(student, vocab)
+    indices, logprobs = teacher.rows(fn, leading, rows.device)
+    labels, mask, normalizer = row_arguments(fn, rows, leading, labels, mask, normalizer, options)
+    backend = _chosen_backend(fn, backend, rows, options, vocab, family="kd_loss_sparse")
+    op = _op(resolve_op_name("kd_loss_sparse", backend, rows.device.type, fn))
+    student_grad = torch.is_grad_enabled() and rows.requires_grad
+    loss, _ = op(rows, indices, logprobs, labels, mask, normalizer, *options.scalars(), sparse_mode, student_grad)
     return loss.reshape(leading) if options.reduction == REDUCTION_NONE else loss
 
 
@@ -273,12 +323,13 @@ def fused_linear_kd_loss(
                                    options.scalars(), vocab, chunk)
 
 
-def _chosen_backend(fn: str, backend, rows: torch.Tensor, options: LossOptions, vocab: int) -> str:
-    """``backend`` checked; ``"auto"`` on CUDA becomes the measured-fastest GPU backend for the
-    problem (elsewhere resolution by priority happens in resolve_op_name)."""
+def _chosen_backend(fn: str, backend, rows: torch.Tensor, options: LossOptions, vocab: int,
+                    family: str = "kd_loss") -> str:
+    """``backend`` checked; ``"auto"`` for kd_loss on CUDA becomes the measured-fastest GPU backend
+    for the problem (elsewhere resolution by priority happens in resolve_op_name)."""
     if not isinstance(backend, str):
         raise TypeError(f"{fn}: backend must be a backend name or 'auto', got {type(backend).__name__}")
-    if backend == "auto" and rows.device.type == "cuda":
+    if backend == "auto" and rows.device.type == "cuda" and family == "kd_loss":
         return gpu_choice.fastest(rows.dtype, options.divergence, vocab)
     return backend
 

@@ -56,25 +56,9 @@ def oracle_loss(student, teacher, *, divergence="forward_kl", temperature=1.0, b
     v = vocab_size or student.shape[-1]
     s = student.to(compute_dtype).reshape(-1, student.shape[-1])[:, :v]
     t = teacher.to(compute_dtype).reshape(-1, teacher.shape[-1])[:, :v]
-    n = s.shape[0]
-    kept = torch.ones(n, dtype=torch.bool)
-    if labels is not None:
-        labels = labels.reshape(-1)
-        kept &= labels != ignore_index
-    if mask is not None:
-        kept &= mask.reshape(-1)
     rows = divergence_rows(divergence, s, t, temperature, beta, alpha)
-    rows = kd_weight * (temperature**2 if t2_scale else 1.0) * rows
-    if ce_weight:
-        safe_labels = torch.where(kept, labels, torch.zeros_like(labels))
-        rows = rows + ce_weight * F.cross_entropy(s, safe_labels, reduction="none")
-    rows = torch.where(kept, rows, torch.zeros_like(rows))
-    if reduction == "none":
-        return rows.reshape(leading)
-    total = rows.sum()
-    if reduction == "sum":
-        return total
-    return total / (normalizer if normalizer is not None else max(int(kept.sum()), 1))
+    return _reduce(rows, s, labels, mask, ignore_index, ce_weight, kd_weight, temperature, t2_scale, reduction,
+                   normalizer, leading)
 
 
 def trl_generalized_jsd(student_logits, teacher_logits, beta, temperature):
@@ -98,3 +82,65 @@ def oracle_with_grads(student, teacher, compute_dtype=torch.float64, **options):
     loss = oracle_loss(s, t, compute_dtype=compute_dtype, **options)
     grad_s, grad_t = torch.autograd.grad(loss.sum(), (s, t), allow_unused=True)
     return loss.detach(), grad_s, grad_t
+
+
+def sparse_oracle_loss(student, indices, logprobs, *, sparse_mode="tail", divergence="forward_kl", temperature=1.0,
+                       beta=0.5, alpha=0.1, t2_scale=True, labels=None, ignore_index=-100, mask=None, ce_weight=0.0,
+                       kd_weight=1.0, reduction="batchmean", normalizer=None, vocab_size=None,
+                       compute_dtype=torch.float64):
+    """The loss against a top-k teacher (docs/math.md, "Sparse teachers"), written from the bucket
+    definition: the k entries (+ the rest of the vocabulary as one bucket in tail mode) on both
+    sides, then the dense formulas of ``divergence_rows`` over the buckets."""
+    leading = student.shape[:-1]
+    v = vocab_size or student.shape[-1]
+    k = indices.shape[-1]
+    s = student.to(compute_dtype).reshape(-1, student.shape[-1])[:, :v]
+    idx = indices.reshape(-1, k).long()
+    lp = logprobs.to(compute_dtype).reshape(-1, k)
+    log_q = F.log_softmax(s / temperature, dim=-1)
+    log_q_k = log_q.gather(1, idx)
+    if sparse_mode == "tail":
+        member = torch.zeros_like(s, dtype=torch.bool).scatter(1, idx, True)
+        has_tail = ~(member | (log_q == -torch.inf)).all(-1)
+        # rows without a tail get a dummy finite row, so no NaN reaches the gradient
+        outside = torch.where(has_tail.unsqueeze(1), log_q.masked_fill(member, -torch.inf), torch.zeros_like(s))
+        log_q_tail = torch.where(has_tail, outside.logsumexp(-1), torch.full_like(has_tail, -torch.inf, dtype=s.dtype))
+        p_tail = (1 - lp.exp().sum(-1)).clamp_min(0)
+        log_q_b = torch.cat([log_q_k, log_q_tail.unsqueeze(1)], dim=1)
+        log_p_b = torch.cat([lp, _safe_log(p_tail).masked_fill(p_tail == 0, -torch.inf).unsqueeze(1)], dim=1)
+    else:
+        log_q_b = log_q_k - log_q_k.logsumexp(-1, keepdim=True)
+        log_p_b = lp - lp.logsumexp(-1, keepdim=True)
+    rows = divergence_rows(divergence, log_q_b, log_p_b, 1.0, beta, alpha)
+    return _reduce(rows, s, labels, mask, ignore_index, ce_weight, kd_weight, temperature, t2_scale, reduction,
+                   normalizer, leading)
+
+
+def _reduce(rows, s, labels, mask, ignore_index, ce_weight, kd_weight, temperature, t2_scale, reduction, normalizer,
+            leading):
+    n = s.shape[0]
+    kept = torch.ones(n, dtype=torch.bool, device=s.device)
+    if labels is not None:
+        labels = labels.reshape(-1)
+        kept &= labels != ignore_index
+    if mask is not None:
+        kept &= mask.reshape(-1)
+    rows = kd_weight * (temperature**2 if t2_scale else 1.0) * rows
+    if ce_weight:
+        safe_labels = torch.where(kept, labels, torch.zeros_like(labels))
+        rows = rows + ce_weight * F.cross_entropy(s, safe_labels, reduction="none")
+    rows = torch.where(kept, rows, torch.zeros_like(rows))
+    if reduction == "none":
+        return rows.reshape(leading)
+    total = rows.sum()
+    if reduction == "sum":
+        return total
+    return total / (normalizer if normalizer is not None else max(int(kept.sum()), 1))
+
+
+def sparse_oracle_with_grads(student, indices, logprobs, compute_dtype=torch.float64, **options):
+    """(loss, d loss/d student) of :func:`sparse_oracle_loss`, differentiating sum(loss)."""
+    s = student.detach().to(compute_dtype).requires_grad_(True)
+    loss = sparse_oracle_loss(s, indices, logprobs, compute_dtype=compute_dtype, **options)
+    (grad,) = torch.autograd.grad(loss.sum(), (s,))
+    return loss.detach(), grad

@@ -11,7 +11,7 @@ import torch
 
 from kdcore import _ext
 from kdcore.backends import Backend
-from kdcore.ops import reference
+from kdcore.ops import native_sparse, reference, reference_sparse
 from kdcore.ops import triton as triton_ops
 from kdcore.ops.kd_loss import register_kd_loss_inplace_op, register_kd_loss_op
 from kdcore.plugins import hookimpl
@@ -46,7 +46,8 @@ BUILTIN_BACKENDS = (
         name="cpp",
         devices=("cpu",),
         priority=20,
-        ops={"kd_loss": "kdcore::kd_loss_cpp", "kd_loss_inplace": "kdcore::kd_loss_cpp_inplace"},
+        ops={"kd_loss": "kdcore::kd_loss_cpp", "kd_loss_inplace": "kdcore::kd_loss_cpp_inplace",
+             "kd_loss_sparse": "kdcore::kd_loss_sparse_cpp"},
         unavailable_reason=_cpp_unavailable,
         description="fused C++ kernel (at::vec, one pass over DRAM)",
     ),
@@ -55,7 +56,8 @@ BUILTIN_BACKENDS = (
         devices=triton_ops.devices(),
         # interpreted (TRITON_INTERPRET=1, CPU tensors) it is for testing only: never picked by "auto"
         priority=-10 if triton_ops.interpreted() else 30,
-        ops={"kd_loss": triton_ops.QUALNAME, "kd_loss_inplace": triton_ops.INPLACE_QUALNAME},
+        ops={"kd_loss": triton_ops.QUALNAME, "kd_loss_inplace": triton_ops.INPLACE_QUALNAME,
+             "kd_loss_sparse": triton_ops.SPARSE_QUALNAME},
         unavailable_reason=triton_ops.unavailable_reason,
         description="Triton kernels, one program per row (CUDA; CPU through TRITON_INTERPRET=1)",
     ),
@@ -63,7 +65,8 @@ BUILTIN_BACKENDS = (
         name="reference",
         devices=("*",),
         priority=0,
-        ops={"kd_loss": reference.QUALNAME, "kd_loss_inplace": reference.INPLACE_QUALNAME},
+        ops={"kd_loss": reference.QUALNAME, "kd_loss_inplace": reference.INPLACE_QUALNAME,
+             "kd_loss_sparse": reference_sparse.QUALNAME},
         description="pure PyTorch, row-chunked; runs on any device",
     ),
 )
@@ -75,6 +78,7 @@ register_kd_loss_inplace_op(triton_ops.INPLACE_QUALNAME)
 if _ext.status().core_error is None:
     register_kd_loss_op("kdcore::kd_loss_cpp")
     register_kd_loss_inplace_op("kdcore::kd_loss_cpp_inplace")
+    native_sparse.define("cpp")
     if _ext.status().with_cuda:
         register_kd_loss_op("kdcore::kd_loss_cuda")
         register_kd_loss_inplace_op("kdcore::kd_loss_cuda_inplace")

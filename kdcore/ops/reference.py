@@ -32,7 +32,7 @@ _FORWARD_KL, _REVERSE_KL, _JSD, _SKEW_KL, _SKEW_RKL, _TVD = (
 )
 
 
-def _guarded_mul(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def guarded_mul(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """x * y where x > 0, else 0 (so 0 * log 0 and 0 * inf vanish)."""
     return torch.where(x > 0, x * y, torch.zeros((), dtype=x.dtype, device=x.device))
 
@@ -53,29 +53,29 @@ def element_terms(divergence: int, la, lb, q, p, mix: float):
     p as free variables; see csrc/include/kdcore/divergence.h for the derivation."""
     if divergence == _FORWARD_KL:
         gp = lb - la
-        term = _guarded_mul(p, gp)
+        term = guarded_mul(p, gp)
         return term, -p, term, None, gp
     if divergence == _REVERSE_KL:
         gq = la - lb
-        term = _guarded_mul(q, gq)
+        term = guarded_mul(q, gq)
         return term, term, -q, gq, None
     if divergence == _JSD:
         gq = (1 - mix) * _log_ratio_to_mixture(q, p, mix)
         gp = mix * _log_ratio_to_mixture(p, q, 1 - mix)
-        qgq, pgp = _guarded_mul(q, gq), _guarded_mul(p, gp)
+        qgq, pgp = guarded_mul(q, gq), guarded_mul(p, gp)
         return qgq + pgp, qgq, pgp, gq, gp
     if divergence == _SKEW_KL:
         z = _relative_gap(p, q, 1 - mix)
         log_ratio = -torch.log1p(z)
         p_over_r = torch.where(p > 0, 1 / (1 + z), torch.zeros_like(p))
         gq, gp = -(1 - mix) * p_over_r, log_ratio - mix * p_over_r
-        return _guarded_mul(p, log_ratio), q * gq, _guarded_mul(p, gp), gq, gp
+        return guarded_mul(p, log_ratio), q * gq, guarded_mul(p, gp), gq, gp
     if divergence == _SKEW_RKL:
         z = _relative_gap(q, p, 1 - mix)
         log_ratio = -torch.log1p(z)
         q_over_r = torch.where(q > 0, 1 / (1 + z), torch.zeros_like(q))
         gq, gp = log_ratio - mix * q_over_r, -(1 - mix) * q_over_r
-        return _guarded_mul(q, log_ratio), _guarded_mul(q, gq), p * gp, gq, gp
+        return guarded_mul(q, log_ratio), guarded_mul(q, gq), p * gp, gq, gp
     if divergence == _TVD:
         diff = p - q
         gp = 0.5 * torch.sign(diff)
@@ -85,7 +85,7 @@ def element_terms(divergence: int, la, lb, q, p, mix: float):
 
 def _softmax_grad(prob, g, g_sum):
     """prob * (g - sum(prob * g)), the softmax Jacobian applied as torch's softmax backward does."""
-    return _guarded_mul(prob, g - g_sum.unsqueeze(1))
+    return guarded_mul(prob, g - g_sum.unsqueeze(1))
 
 
 def grad_wrt_student(divergence: int, q, p, gq, qgq):

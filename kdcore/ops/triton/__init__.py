@@ -1,7 +1,8 @@
-"""The ``triton`` backend: kd_loss as Triton kernels (``kdcore::kd_loss_triton``).
+"""The ``triton`` backend: kd_loss as Triton kernels (``kdcore::kd_loss_triton``, and
+``kdcore::kd_loss_sparse_triton`` for sparse teachers).
 
-The op is defined whether or not Triton is installed; the kernels (kdcore/ops/triton/kd_loss.py)
-are imported on the first call. It runs on CUDA tensors, or, with ``TRITON_INTERPRET=1``, on CPU
+The ops are defined whether or not Triton is installed; the kernels (kdcore/ops/triton/*.py) are
+imported on the first call. It runs on CUDA tensors, or, with ``TRITON_INTERPRET=1``, on CPU
 tensors through Triton's interpreter (slow; that is how CI tests the kernels without a GPU).
 """
 
@@ -23,6 +24,7 @@ from kdcore.ops.kd_loss import (
     reduce_rows,
     reduction_divisor,
 )
+from kdcore.ops.kd_loss_sparse import RowKernels, define_kd_loss_sparse_op
 
 
 def interpreted() -> bool:
@@ -51,8 +53,7 @@ def _kd_loss_triton(student, teacher, labels, mask, normalizer, temperature, div
     if student.dim() != 2 or student.shape != teacher.shape:
         raise ValueError(f"kd_loss_triton: expected two [N, V] logits, got {tuple(student.shape)} "
                          f"and {tuple(teacher.shape)}")
-    if student.device.type != ("cpu" if interpreted() else "cuda"):
-        raise ValueError(f"kd_loss_triton: runs on {devices()[0]} tensors here, got {student.device.type}")
+    _check_device("kd_loss_triton", student)
     n, v = student.shape
     if inplace and v > 1 and student.stride(1) != 1:
         raise ValueError("kd_loss_triton_inplace: the student logits must have unit stride along the vocabulary")
@@ -93,3 +94,24 @@ def _raise_for_status(status: torch.Tensor, labels, vocab: int) -> None:
 
 
 QUALNAME, INPLACE_QUALNAME = define_kd_loss_ops("kdcore::kd_loss_triton", _kd_loss_triton)
+
+
+def _check_device(op: str, student) -> None:
+    if student.device.type != ("cpu" if interpreted() else "cuda"):
+        raise ValueError(f"{op}: runs on {devices()[0]} tensors here, got {student.device.type}")
+
+
+def _sparse_row_stats(student, indices, inv_t, with_tail, with_t1):
+    from kdcore.ops.triton import kd_loss_sparse as kernels
+
+    _check_device("kd_loss_sparse_triton", student)
+    return kernels.row_stats(student, indices, inv_t, with_tail, with_t1, interpreted=interpreted())
+
+
+def _sparse_fill(student, grad, kept, labels, coefficients, inv_t):
+    from kdcore.ops.triton import kd_loss_sparse as kernels
+
+    kernels.fill(student, grad, kept, labels, coefficients, inv_t, interpreted=interpreted())
+
+
+SPARSE_QUALNAME = define_kd_loss_sparse_op("kdcore::kd_loss_sparse_triton", RowKernels(_sparse_row_stats, _sparse_fill))
