@@ -1,5 +1,5 @@
-"""The ``kdcore`` command (also ``python -m kdcore``): ``distill``, ``eval``, ``demo``, ``plugins``,
-``bench``.
+"""The ``kdcore`` command (also ``python -m kdcore``): ``distill``, ``eval``, ``cache-teacher``,
+``demo``, ``plugins``, ``bench``.
 
 Errors a user can fix (a bad config, a missing file, a run that already exists) print one line
 naming the problem and exit with status 2; anything else is a bug and keeps its traceback.
@@ -16,8 +16,10 @@ import sys
 from collections.abc import Sequence
 
 from kdcore import plugins
+from kdcore.cache import VALUE_DTYPES
 
 BENCHMARKS = ("kd_loss", "fused_linear_kd")  # modules of the source tree's benchmarks/ package
+
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,6 +56,27 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--checkpoint", help="a student state-dict file (default: OUTPUT_DIR/student.pt)")
     _add_overrides(evaluate)
     evaluate.set_defaults(run=eval_command)
+
+    cache = commands.add_parser("cache-teacher", help="cache a config's teacher as top-k log-probabilities",
+                                description="Run one of the config's teachers over a split of its dataset, in "
+                                            "order, and write each position's top-k log-probabilities to a sharded "
+                                            "cache (manifest + checksums) that kdcore.cache reads back aligned with "
+                                            "the student's batches. Running the same command again resumes an "
+                                            "interrupted cache.")
+    cache.add_argument("config", help="the run's YAML config (its teachers and data sections are used)")
+    cache.add_argument("--output", required=True, help="the cache directory")
+    cache.add_argument("--k", type=int, default=128, help="entries kept per position (default 128)")
+    cache.add_argument("--temperature", type=float, default=1.0, help="the teacher's softmax temperature (default 1)")
+    cache.add_argument("--value-dtype", choices=sorted(VALUE_DTYPES), default="bfloat16",
+                       help="how log-probabilities are stored (default bfloat16)")
+    cache.add_argument("--split", choices=("train", "val"), default="train", help="the split to cache (default train)")
+    cache.add_argument("--teacher", type=int, default=0, help="which of the config's teachers (default 0)")
+    cache.add_argument("--tokenizer", help="the tokenizer's name, recorded in the manifest")
+    cache.add_argument("--batch-size", type=int, default=32, help="examples per teacher forward pass (default 32)")
+    cache.add_argument("--examples-per-shard", type=int, default=4096, help="examples per shard file (default 4096)")
+    cache.add_argument("--device", default="cpu", help="where the teacher runs (default cpu)")
+    _add_overrides(cache)
+    cache.set_defaults(run=cache_teacher_command)
 
     demo = commands.add_parser("demo", help="compare the distillation methods on real data (a few minutes on a CPU)",
                                description="Trains teachers, a scratch student and students distilled by each "
@@ -101,6 +124,36 @@ def eval_command(args: argparse.Namespace) -> int:
 
     metrics = Distiller(args.config, overrides=args.overrides).evaluate(args.checkpoint)
     print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def cache_teacher_command(args: argparse.Namespace) -> int:
+    from kdcore import cache
+    from kdcore.engine.builders import build_model, build_splits
+    from kdcore.engine.config import parse_config
+    from kdcore.engine.data import call_model
+
+    config = parse_config(args.config, args.overrides)
+    if not 0 <= args.teacher < len(config.teachers):
+        raise _UsageError(f"--teacher {args.teacher}: the config has {len(config.teachers)} teacher(s)")
+    spec = config.teachers[args.teacher]
+    key = f"teachers.{args.teacher}"
+    model = build_model(spec, key).to(args.device).eval()
+    dataset = build_splits(config.data)[0 if args.split == "train" else 1]
+    model_id = json.dumps({"model": spec.model, "options": spec.options, "checkpoint": spec.checkpoint,
+                           "checkpoint_sha256": cache.file_sha256(spec.checkpoint) if spec.checkpoint else None},
+                          sort_keys=True)
+
+    def report(done: int, total: int) -> None:
+        print(f"cached {done}/{total} examples", file=sys.stderr)
+
+    path = cache.write_teacher_cache(lambda inputs: call_model(model, inputs), dataset, args.output, k=args.k,
+                                     model_id=model_id, temperature=args.temperature, value_dtype=args.value_dtype,
+                                     tokenizer=args.tokenizer, batch_size=args.batch_size,
+                                     examples_per_shard=args.examples_per_shard, device=args.device, progress=report)
+    done = cache.TeacherCache(path)
+    print(json.dumps({"path": str(path), "examples": len(done), "k": done.spec.k,
+                      "bytes_per_position": round(done.bytes_per_position, 2), "checksum": done.checksum}))
     return 0
 
 
@@ -157,6 +210,7 @@ def plugins_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from kdcore.cache import CacheError
     from kdcore.engine.config import ConfigError
 
     args = build_parser().parse_args(argv)
@@ -166,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         plugins.reload(disable=",".join(args.disable_plugin))
     try:
         return args.run(args)
-    except (ConfigError, FileExistsError, FileNotFoundError, _UsageError) as exc:
+    except (ConfigError, CacheError, FileExistsError, FileNotFoundError, _UsageError) as exc:
         print(f"kdcore {args.command}: {exc}", file=sys.stderr)
         return 2
 

@@ -99,7 +99,7 @@ def sparse_oracle_loss(student, indices, logprobs, *, sparse_mode="tail", diverg
     lp = logprobs.to(compute_dtype).reshape(-1, k)
     log_q = F.log_softmax(s / temperature, dim=-1)
     log_q_k = log_q.gather(1, idx)
-    if sparse_mode == "tail":
+    if sparse_mode == "tail" and k < v:  # with k = V there is no tail: both modes renormalize
         member = torch.zeros_like(s, dtype=torch.bool).scatter(1, idx, True)
         has_tail = ~(member | (log_q == -torch.inf)).all(-1)
         # rows without a tail get a dummy finite row, so no NaN reaches the gradient

@@ -6,7 +6,8 @@ teacher's temperature, typically read from a cache). The divergence is taken bet
 distributions over *buckets* (docs/math.md, "Sparse teachers"):
 
 - ``tail`` mode: the k entries plus one bucket holding the rest of the vocabulary, on both sides
-  (teacher tail ``1 - Σ p_k``, student tail the exact softmax mass outside the k entries);
+  (teacher tail ``1 - Σ p_k``, student tail the exact softmax mass outside the k entries); when
+  k = V there is no rest, and the teacher's rounding residual is renormalized away as in renorm;
 - ``renorm`` mode: the k entries only, both sides renormalized over them.
 
 Every divergence of the family applies to the bucket distributions. The student gradient goes
@@ -172,6 +173,8 @@ def sparse_kd_loss(kernels: RowKernels, student, indices, logprobs, labels, mask
     placeholder = torch.arange(indices.shape[1], device=indices.device) % v
     indices = torch.where(kept.unsqueeze(1), indices.long(), placeholder)
     indices, logprobs = _check_teacher(indices, logprobs, kept, v, sparse_mode)
+    if indices.shape[1] == v:  # the top-k is the whole vocabulary: no tail exists, whatever rounding left over
+        sparse_mode = SPARSE_MODES["renorm"]
     with_ce = ce_weight != 0
     if with_ce:
         out_of_range = kept & ((labels < 0) | (labels >= v))
