@@ -19,11 +19,11 @@
 
 // The two [N, V] passes of the kd_loss_sparse family (kdcore/ops/kd_loss_sparse.py composes them):
 //   sparse_row_stats_<device>: [N, 3] float64 log-sum-exps (whole row, outside the top-k, at T = 1)
-//   sparse_fill_<device>: every gradient element from [N, 4] float64 per-row coefficients
+//   sparse_fill_<device>: a new [N, V] gradient, every element from [N, 4] float64 per-row coefficients
 #define KDCORE_SPARSE_ROW_STATS_SIGNATURE \
   "(Tensor student, Tensor indices, float inv_t, bool with_tail, bool with_t1) -> Tensor"
 #define KDCORE_SPARSE_FILL_SIGNATURE \
-  "(Tensor student, Tensor(a!) grad, Tensor kept, Tensor? labels, Tensor coefficients, float inv_t) -> ()"
+  "(Tensor student, Tensor kept, Tensor? labels, Tensor coefficients, float inv_t) -> Tensor"
 
 TORCH_LIBRARY(kdcore, m) {
   m.def("kd_loss_cpp" KDCORE_KD_LOSS_SIGNATURE);
@@ -33,6 +33,8 @@ TORCH_LIBRARY(kdcore, m) {
 #ifdef KDCORE_WITH_CUDA
   m.def("kd_loss_cuda" KDCORE_KD_LOSS_SIGNATURE);
   m.def("kd_loss_cuda_inplace" KDCORE_KD_LOSS_INPLACE_SIGNATURE);
+  m.def("sparse_row_stats_cuda" KDCORE_SPARSE_ROW_STATS_SIGNATURE);
+  m.def("sparse_fill_cuda" KDCORE_SPARSE_FILL_SIGNATURE);
 #endif
 }
 

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from kdcore import plugins
 from kdcore.cache import VALUE_DTYPES
 
-BENCHMARKS = ("kd_loss", "fused_linear_kd")  # modules of the source tree's benchmarks/ package
+BENCHMARKS = ("kd_loss", "kd_loss_sparse", "fused_linear_kd")  # modules of the source tree's benchmarks/ package
 
 
 

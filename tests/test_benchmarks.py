@@ -17,6 +17,7 @@ FIELDS = {"benchmark", "impl", "problem", "device", "median_ms", "p20_ms", "p80_
 
 @pytest.mark.parametrize("module, problem", [
     ("benchmarks.kd_loss", "float32:64x1000"),
+    ("benchmarks.kd_loss_sparse", "float32:64x1000:16"),
     ("benchmarks.fused_linear_kd", "float32:64x32x48x1000"),
 ])
 def test_benchmark_prints_results(module, problem):

@@ -342,8 +342,7 @@ def test_opcheck_cpp_row_kernels():
     indices = top_k(torch.randn(4, 70), 5)[0].sort(1).values.contiguous()
     torch.library.opcheck(torch.ops.kdcore.sparse_row_stats_cpp, (s, indices, 0.5, True, True))
     coefficients = torch.tensor([[3.0, 1.0, 2.0, 0.5]] * 4, dtype=torch.float64)
-    args = (s, torch.empty_like(s), torch.tensor([True, False, True, True]), torch.tensor([1, 2, 3, 4]),
-            coefficients, 0.5)
+    args = (s, torch.tensor([True, False, True, True]), torch.tensor([1, 2, 3, 4]), coefficients, 0.5)
     torch.library.opcheck(torch.ops.kdcore.sparse_fill_cpp, args)
 
 

@@ -75,3 +75,34 @@ def test_kernel_compiles_for_hopper(divergence, single_tile):
     done = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER, str(divergence), str(int(single_tile))],
                           capture_output=True, text=True, env=env)
     assert done.returncode == 0 and done.stdout.strip() == "True", done.stderr[-3000:]
+
+
+COMPILE_SPARSE_FOR_HOPPER = """
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from kdcore.ops.triton.kd_loss_sparse import GPU_BLOCK, MAX_WINDOW, fill_kernel, row_stats_kernel
+
+def build(kernel, signature, constexprs):
+    signature = {**signature, **{name: "constexpr" for name in constexprs}}
+    source = ASTSource(fn=kernel, signature=signature,
+                       constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    return f".entry {kernel.fn.__name__}" in compiled.asm["ptx"]
+
+stats = build(row_stats_kernel, {"S": "*bf16", "IDX": "*i64", "OUT": "*fp64", "INV_T": "*fp32", "s_stride": "i64",
+                                 "n_cols": "i32", "k": "i32"},
+              dict(WITH_TAIL=True, WITH_T1=True, BLOCK=GPU_BLOCK, WINDOW=MAX_WINDOW, ACC=tl.float32))
+fill = build(fill_kernel, {"S": "*bf16", "G": "*bf16", "KEPT": "*i1", "LABELS": "*i64", "PARAMS": "*fp32",
+                           "INV_T": "*fp32", "s_stride": "i64", "g_stride": "i64", "n_cols": "i32"},
+             dict(HAS_CE=True, BLOCK=GPU_BLOCK, ACC=tl.float32))
+print(stats and fill)
+"""
+
+
+def test_sparse_kernels_compile_for_hopper():
+    """The sparse family's Triton kernels (with the data-dependent window loop) lowered to PTX."""
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    done = subprocess.run([sys.executable, "-c", COMPILE_SPARSE_FOR_HOPPER], capture_output=True, text=True, env=env)
+    assert done.returncode == 0 and done.stdout.strip() == "True", done.stderr[-3000:]

@@ -22,7 +22,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CUDA_OPS = ("kdcore::kd_loss_cuda", "kdcore::kd_loss_cuda_inplace")
+CUDA_OPS = ("kdcore::kd_loss_cuda", "kdcore::kd_loss_cuda_inplace", "kdcore::sparse_row_stats_cuda",
+            "kdcore::sparse_fill_cuda")
 
 _CHECK_REGISTRATION = """
 import sys, torch

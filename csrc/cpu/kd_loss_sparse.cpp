@@ -6,8 +6,10 @@
 //                         The two sums of a are accumulated separately (a per-thread 0/1 row marks
 //                         the top-k), so the tail mass is exact however small it is, never the
 //                         difference of two nearly equal sums.
-//   sparse_fill_cpp       every gradient element from four per-row coefficients:
-//                         kd_sign * exp(a - kd_shift) + ce_coef * (exp(z - ce_shift) - [j == label]).
+//   sparse_fill_cpp       a new gradient tensor, every element from four per-row coefficients:
+//                         kd_coef * exp(a - kd_shift) + ce_coef * (exp(z - ce_shift) - [j == label]);
+//                         the exponents are <= 0 except at the top-k entries, which the op
+//                         overwrites afterwards, so they are clamped at 0 for the fast exp.
 //
 // One row per task (at::parallel_for), tiles of kTile logits converted to the accumulation type;
 // each logit is read from DRAM once per pass and each gradient element written once.
@@ -92,7 +94,7 @@ void row_stats(const at::Tensor& student, const at::Tensor& indices, acc_t inv_t
         const V shift_a(static_cast<acc_t>(a_sums.raise(double(max_z * inv_t)))), scale(inv_t);
         V sum_all(0), sum_outside(0);
         for (int64_t j = 0; j < nv; j += V::size()) {
-          const V e = (V::loadu(z + j) * scale - shift_a).exp();
+          const V e = VecMath<acc_t>::exp(V::loadu(z + j) * scale - shift_a);  // of x - max <= 0
           sum_all += e;
           if (with_tail) sum_outside += e * V::loadu(outside.data() + start + j);
         }
@@ -101,7 +103,7 @@ void row_stats(const at::Tensor& student, const at::Tensor& indices, acc_t inv_t
         if (separate_t1) {
           const V shift_z(static_cast<acc_t>(z_sums.raise(double(max_z))));
           V sum_z(0);
-          for (int64_t j = 0; j < nv; j += V::size()) sum_z += (V::loadu(z + j) - shift_z).exp();
+          for (int64_t j = 0; j < nv; j += V::size()) sum_z += VecMath<acc_t>::exp(V::loadu(z + j) - shift_z);
           z_sums.all += hsum(sum_z);
         }
       }
@@ -131,7 +133,7 @@ at::Tensor sparse_row_stats_cpp(const at::Tensor& student, const at::Tensor& ind
   return out;
 }
 
-// One term of the fill, c * exp(x * inv_t - shift), with the double shift split into hi + lo in
+// One term of the fill, c * exp(min(x - shift, 0)), with the double shift split into hi + lo in
 // the accumulation type so that x * inv_t - hi stays exact near the row's largest entries.
 template <typename acc_t>
 struct ExpTerm {
@@ -150,6 +152,7 @@ template <typename acc_t>
 void fill(const at::Tensor& student, const at::Tensor& grad, const bool* kept, const int64_t* labels,
           const double* coefficients, acc_t inv_t) {
   using V = Vec<acc_t>;
+  using M = VecMath<acc_t>;
   const int64_t n = student.size(0), v = student.size(1);
   const RowTensor<acc_t> rows = make_row_tensor<acc_t>(student);
   const RowTensor<acc_t> out = make_row_tensor<acc_t>(grad);
@@ -170,12 +173,12 @@ void fill(const at::Tensor& student, const at::Tensor& grad, const bool* kept, c
         } else {
           const acc_t* z = rows.load(rows.at(row, start), len, tile);
           const V scale(inv_t), kd_coef(kd.coef), kd_hi(kd.hi), kd_lo(kd.lo);
-          const V ce_coef(ce.coef), ce_hi(ce.hi), ce_lo(ce.lo);
+          const V ce_coef(ce.coef), ce_hi(ce.hi), ce_lo(ce.lo), zero(0);
           for (int64_t j = 0; j < nv; j += V::size()) {
             const V x = V::loadu(z + j);
             V value(0);
-            if (kd.active) value = kd_coef * ((x * scale - kd_hi) - kd_lo).exp();
-            if (ce.active) value += ce_coef * ((x - ce_hi) - ce_lo).exp();
+            if (kd.active) value = kd_coef * M::exp(at::vec::minimum((x * scale - kd_hi) - kd_lo, zero));
+            if (ce.active) value += ce_coef * M::exp(at::vec::minimum((x - ce_hi) - ce_lo, zero));
             value.store(g + j);
           }
           if (ce.active && label >= start && label < start + len) g[label - start] -= ce.coef;
@@ -186,14 +189,11 @@ void fill(const at::Tensor& student, const at::Tensor& grad, const bool* kept, c
   });
 }
 
-void sparse_fill_cpp(const at::Tensor& student, const at::Tensor& grad, const at::Tensor& kept,
-                     const std::optional<at::Tensor>& labels, const at::Tensor& coefficients, double inv_t) {
+at::Tensor sparse_fill_cpp(const at::Tensor& student, const at::Tensor& kept, const std::optional<at::Tensor>& labels,
+                           const at::Tensor& coefficients, double inv_t) {
   constexpr const char* op = "sparse_fill_cpp";
   check_rows(op, student);
   const int64_t n = student.size(0);
-  TORCH_CHECK_VALUE(grad.sizes() == student.sizes() && grad.scalar_type() == student.scalar_type() &&
-                        (grad.size(1) <= 1 || grad.stride(1) == 1),
-                    op, ": grad must match the student logits' shape and dtype with unit column stride");
   TORCH_CHECK_VALUE(kept.dim() == 1 && kept.size(0) == n && kept.scalar_type() == at::kBool && kept.is_contiguous(), op,
                     ": kept must be contiguous bool [N]");
   TORCH_CHECK_VALUE(coefficients.sizes() == at::IntArrayRef({n, 4}) && coefficients.scalar_type() == at::kDouble &&
@@ -204,7 +204,9 @@ void sparse_fill_cpp(const at::Tensor& student, const at::Tensor& grad, const at
                           labels->is_contiguous(),
                       op, ": labels must be contiguous int64 [N]");
   }
-  if (student.numel() == 0) return;
+  at::Tensor grad = at::empty(student.sizes(), student.options());
+  if (student.numel() == 0) return grad;
+  advise_huge_pages(grad);  // a fresh [N, V] buffer: one fault per 2 MiB instead of per 4 KiB
   const int64_t* label_ptr = labels.has_value() ? labels->data_ptr<int64_t>() : nullptr;
   if (student.scalar_type() == at::kDouble) {
     fill<double>(student, grad, kept.data_ptr<bool>(), label_ptr, coefficients.data_ptr<double>(), inv_t);
@@ -212,6 +214,7 @@ void sparse_fill_cpp(const at::Tensor& student, const at::Tensor& grad, const at
     fill<float>(student, grad, kept.data_ptr<bool>(), label_ptr, coefficients.data_ptr<double>(),
                 static_cast<float>(inv_t));
   }
+  return grad;
 }
 
 }  // namespace

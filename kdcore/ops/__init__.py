@@ -38,7 +38,8 @@ BUILTIN_BACKENDS = (
         name="cuda",
         devices=("cuda",),
         priority=40,
-        ops={"kd_loss": "kdcore::kd_loss_cuda", "kd_loss_inplace": "kdcore::kd_loss_cuda_inplace"},
+        ops={"kd_loss": "kdcore::kd_loss_cuda", "kd_loss_inplace": "kdcore::kd_loss_cuda_inplace",
+             "kd_loss_sparse": "kdcore::kd_loss_sparse_cuda"},
         unavailable_reason=_cuda_unavailable,
         description="fused CUDA kernel (rows split over a Hopper thread-block cluster, one pass over HBM)",
     ),
@@ -82,6 +83,7 @@ if _ext.status().core_error is None:
     if _ext.status().with_cuda:
         register_kd_loss_op("kdcore::kd_loss_cuda")
         register_kd_loss_inplace_op("kdcore::kd_loss_cuda_inplace")
+        native_sparse.define("cuda")
 
 
 @hookimpl

@@ -12,7 +12,8 @@ distributions over *buckets* (docs/math.md, "Sparse teachers"):
 
 Every divergence of the family applies to the bucket distributions. The student gradient goes
 through the bucketing: with ``G_b = Q_b (g_b - Σ Q g)`` the bucket-level gradient, an entry k gets
-``G_k`` and an entry j outside them ``q_j / Q_tail · G_tail`` (0 in renorm mode).
+``G_k`` and an entry j outside them ``q_j / Q_tail · G_tail`` (0 in renorm mode), written as
+``exp(a_j - lse_tail) · G_tail``: a share of the tail in [0, 1] times a bounded gradient.
 
 Only two steps touch ``[N, V]`` data, and each backend supplies them as row kernels (a
 :class:`RowKernels`): ``row_stats`` reads the student once for its log-sum-exps (over the whole
@@ -62,8 +63,9 @@ PROBABILITY_SUM_SLACK = 1e-2
 # entries outside the k (-inf when there are none), and of z itself (temperature 1, for the CE).
 LSE_ALL, LSE_TAIL, LSE_T1 = range(3)
 # Columns of fill's [N, 4] float64 coefficients: every element gets
-#   kd_sign · exp(a_j - kd_shift) + ce_coef · (exp(z_j - ce_shift) - [j == label]).
-KD_SHIFT, KD_SIGN, CE_SHIFT, CE_COEF = range(4)
+#   kd_coef · exp(a_j - kd_shift) + ce_coef · (exp(z_j - ce_shift) - [j == label]),
+# both exponents <= 0 outside the top-k (whose entries the op overwrites afterwards).
+KD_SHIFT, KD_COEF, CE_SHIFT, CE_COEF = range(4)
 
 
 @dataclass(frozen=True)
@@ -72,9 +74,9 @@ class RowKernels:
 
     ``row_stats(student, sorted_indices, inv_t, with_tail, with_t1) -> [N, 3] float64`` (columns
     ``LSE_ALL, LSE_TAIL, LSE_T1``; a NaN or +inf logit makes its row's entries NaN; the tail and
-    T=1 columns are only meaningful when asked for). ``fill(student, grad, kept, labels,
-    coefficients, inv_t)`` writes every element of ``grad`` from the ``[N, 4]`` float64
-    coefficients (columns ``KD_SHIFT, KD_SIGN, CE_SHIFT, CE_COEF``) and zeros on rows not kept.
+    T=1 columns are only meaningful when asked for). ``fill(student, kept, labels, coefficients,
+    inv_t)`` returns a new gradient like ``student``, every element from the ``[N, 4]`` float64
+    coefficients (columns ``KD_SHIFT, KD_COEF, CE_SHIFT, CE_COEF``), zeros on rows not kept.
     Both form ``a = z * inv_t`` in the accumulation type, with ``inv_t`` the accumulation type's
     rounding of 1/T (:func:`inverse_temperature`), so every pass and the bucket math see the same
     ``a`` to the last bit.
@@ -165,10 +167,9 @@ def sparse_kd_loss(kernels: RowKernels, student, indices, logprobs, labels, mask
     kept = kept_rows(n, labels, mask, ignore_index, student.device)
     divisor = reduction_divisor(kept, normalizer, reduction, acc)
     loss = student.new_empty((n,) if reduction == REDUCTION_NONE else (), dtype=acc)
-    grad = student.new_empty((n, v) if student_grad else (0,))
     if n == 0:
         reduce_rows(loss, torch.zeros(0, dtype=acc, device=student.device), divisor, reduction)
-        return loss, grad
+        return loss, student.new_empty((0, v) if student_grad else (0,))
     # rows not kept are never checked: give them harmless indices before any kernel reads them
     placeholder = torch.arange(indices.shape[1], device=indices.device) % v
     indices = torch.where(kept.unsqueeze(1), indices.long(), placeholder)
@@ -209,12 +210,9 @@ def sparse_kd_loss(kernels: RowKernels, student, indices, logprobs, labels, mask
         k = indices.shape[1]
         coefficients = torch.zeros(n, 4, dtype=f64, device=student.device)
         coefficients[:, KD_SHIFT] = coefficients[:, CE_SHIFT] = torch.inf  # exp(x - inf) = 0: no term
-        if sparse_mode == SPARSE_TAIL:
-            # q_j / Q_tail · G_tail = sign(G_tail) exp(a_j - lse_tail + log|G_tail|)
-            tail_grad = kd_grad_scale * row_scale * bucket_grad[:, k]
-            shift = lse_tail - tail_grad.abs().log()
-            coefficients[:, KD_SHIFT] = torch.where(lse_tail == -torch.inf, torch.inf, shift)
-            coefficients[:, KD_SIGN] = tail_grad.sign()
+        if sparse_mode == SPARSE_TAIL:  # q_j / Q_tail · G_tail = exp(a_j - lse_tail) · G_tail
+            coefficients[:, KD_SHIFT] = torch.where(lse_tail == -torch.inf, torch.inf, lse_tail)
+            coefficients[:, KD_COEF] = kd_grad_scale * row_scale * bucket_grad[:, k]
         member = kd_grad_scale * row_scale * bucket_grad[:, :k]
         if with_ce:
             coefficients[:, CE_SHIFT] = lse_t1
@@ -222,10 +220,13 @@ def sparse_kd_loss(kernels: RowKernels, student, indices, logprobs, labels, mask
             hit = (indices == safe_labels.unsqueeze(1)).to(f64)
             member = member + ce_weight * row_scale * ((z_k.to(f64) - lse_t1.unsqueeze(1)).exp() - hit)
         coefficients[bad] = torch.nan
-        kernels.fill(student, grad, kept, safe_labels, coefficients, inv_t)
+        grad = kernels.fill(student, kept, safe_labels, coefficients, inv_t)
         member = torch.where(kept.unsqueeze(1), torch.where(bad.unsqueeze(1), torch.nan, member), 0)
-        grad.scatter_(1, indices, member.to(grad.dtype))
-    return loss, grad
+        # a flat index_put_ (scatter_ into a reduced-precision CPU tensor upcasts all of it)
+        flat = (torch.arange(n, device=indices.device).unsqueeze(1) * v + indices).reshape(-1)
+        grad.view(-1).index_put_((flat,), member.to(grad.dtype).reshape(-1))
+        return loss, grad
+    return loss, student.new_empty((0,))
 
 
 # -- the family's schema, fake and autograd ---------------------------------------------------------

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from kdcore.ops.kd_loss import loss_dtype
-from kdcore.ops.kd_loss_sparse import CE_COEF, CE_SHIFT, KD_SHIFT, KD_SIGN, RowKernels, define_kd_loss_sparse_op
+from kdcore.ops.kd_loss_sparse import CE_COEF, CE_SHIFT, KD_SHIFT, KD_COEF, RowKernels, define_kd_loss_sparse_op
 from kdcore.ops.reference import CHUNK_ELEMENTS
 
 
@@ -39,17 +39,19 @@ def row_stats(student, indices, inv_t, with_tail, with_t1):
     return stats
 
 
-def fill(student, grad, kept, labels, coefficients, inv_t):
+def fill(student, kept, labels, coefficients, inv_t):
+    grad = torch.empty_like(student, memory_format=torch.contiguous_format)
     for rows in _chunks(student):
         z = student[rows].to(loss_dtype(student))
         a = (z * inv_t).to(torch.float64)
         z = z.to(torch.float64)
         c = coefficients[rows]
-        g = c[:, KD_SIGN, None] * (a - c[:, KD_SHIFT, None]).exp()
+        g = c[:, KD_COEF, None] * (a - c[:, KD_SHIFT, None]).exp()
         if labels is not None:
             onehot = torch.zeros_like(z).scatter_(1, labels[rows].unsqueeze(1), 1.0)
             g = g + c[:, CE_COEF, None] * ((z - c[:, CE_SHIFT, None]).exp() - onehot)
         grad[rows] = torch.where(kept[rows].unsqueeze(1), g, 0).to(grad.dtype)
+    return grad
 
 
 QUALNAME = define_kd_loss_sparse_op("kdcore::kd_loss_sparse_reference", RowKernels(row_stats, fill))

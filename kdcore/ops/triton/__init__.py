@@ -108,10 +108,10 @@ def _sparse_row_stats(student, indices, inv_t, with_tail, with_t1):
     return kernels.row_stats(student, indices, inv_t, with_tail, with_t1, interpreted=interpreted())
 
 
-def _sparse_fill(student, grad, kept, labels, coefficients, inv_t):
+def _sparse_fill(student, kept, labels, coefficients, inv_t):
     from kdcore.ops.triton import kd_loss_sparse as kernels
 
-    kernels.fill(student, grad, kept, labels, coefficients, inv_t, interpreted=interpreted())
+    return kernels.fill(student, kept, labels, coefficients, inv_t, interpreted=interpreted())
 
 
 SPARSE_QUALNAME = define_kd_loss_sparse_op("kdcore::kd_loss_sparse_triton", RowKernels(_sparse_row_stats, _sparse_fill))

@@ -10,7 +10,8 @@ bucket math between them is kdcore/ops/kd_loss_sparse.py). One program per row.
   top-k of a large vocabulary rarely puts more than a window's worth in one tile).
 - ``fill_kernel`` writes each gradient element once from six per-row values:
   ``kd_coef · exp(a - kd_hi - kd_lo) + ce_coef · (exp(z - ce_hi - ce_lo) - [j == label])``
-  (each shift split into hi + lo in the accumulation type; rows not kept get 0).
+  (each shift split into hi + lo in the accumulation type; exponents clamped at 0, which only the
+  top-k entries reach and the op overwrites; rows not kept get 0).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kdcore.ops.kd_loss_sparse import CE_COEF, CE_SHIFT, KD_SHIFT, KD_SIGN
+from kdcore.ops.kd_loss_sparse import CE_COEF, CE_SHIFT, KD_SHIFT, KD_COEF
 from kdcore.ops.triton.kd_loss import _exp, _is_bad, scalar_params
 
 GPU_BLOCK, INTERPRETED_BLOCK = 1024, 512
@@ -84,9 +85,10 @@ def row_stats_kernel(S, IDX, OUT, INV_T, s_stride, n_cols, k, WITH_TAIL: tl.cons
 
 
 @triton.jit
-def _exp_any(x):
-    """exp for any x: the accurate kernel below 0, tl.exp above (a gradient larger than 1)."""
-    return tl.where(x <= 0, _exp(tl.minimum(x, 0.0)), tl.exp(tl.maximum(x, 0.0)))
+def _exp_clamped(x):
+    """exp(min(x, 0)): the exponents of the fill are <= 0 except at the top-k entries, whose
+    values the op overwrites afterwards."""
+    return _exp(tl.minimum(x, 0.0))
 
 
 @triton.jit
@@ -108,9 +110,9 @@ def fill_kernel(S, G, KEPT, LABELS, PARAMS, INV_T, s_stride, g_stride, n_cols, H
         cols = start + tl.arange(0, BLOCK)
         in_row = cols < n_cols
         z = tl.load(S + row * s_stride + cols, mask=in_row, other=0.0).to(ACC)
-        g = kd_coef * _exp_any((z * inv_t - kd_hi) - kd_lo)
+        g = kd_coef * _exp_clamped((z * inv_t - kd_hi) - kd_lo)
         if HAS_CE:
-            g += ce_coef * (_exp_any((z - ce_hi) - ce_lo) - tl.where(cols == label, 1.0, 0.0))
+            g += ce_coef * (_exp_clamped((z - ce_hi) - ce_lo) - tl.where(cols == label, 1.0, 0.0))
         g = tl.where(kept, g, 0.0)
         tl.store(G + row * g_stride + cols, g.to(G.dtype.element_ty), mask=in_row)
 
@@ -151,15 +153,17 @@ def _split(shift: torch.Tensor, acc: torch.dtype):
     return hi, lo
 
 
-def fill(student, grad, kept, labels, coefficients, inv_t, *, interpreted: bool):
+def fill(student, kept, labels, coefficients, inv_t, *, interpreted: bool):
     n, v = student.shape
+    grad = torch.empty_like(student, memory_format=torch.contiguous_format)
     if n == 0:
-        return
+        return grad
     acc = _acc(student)
     kd_hi, kd_lo = _split(coefficients[:, KD_SHIFT], acc)
     ce_hi, ce_lo = _split(coefficients[:, CE_SHIFT], acc)
-    params = torch.stack([coefficients[:, KD_SIGN].to(acc), kd_hi, kd_lo, coefficients[:, CE_COEF].to(acc), ce_hi,
+    params = torch.stack([coefficients[:, KD_COEF].to(acc), kd_hi, kd_lo, coefficients[:, CE_COEF].to(acc), ce_hi,
                           ce_lo], dim=1).contiguous()
     fill_kernel[(n,)](student, grad, kept, labels if labels is not None else kept, params, _inv_t(student, inv_t),
                       student.stride(0), grad.stride(0), v, HAS_CE=labels is not None, BLOCK=_block(interpreted),
                       ACC=_tl_acc(student), num_warps=4)
+    return grad
