@@ -128,8 +128,9 @@ def write_teacher_cache(teacher: Callable[[Any], torch.Tensor], dataset: Dataset
                         device: str | torch.device = "cpu", progress: Callable[[int, int], None] | None = None,
                         ) -> Path:
     """Runs ``teacher`` (a callable from a collated batch's inputs to logits ``[B, V]`` or
-    ``[B, L, V]``; kdcore.engine.data.call_model for a module) over every example of ``dataset``
-    in order and caches the top-``k`` log-probabilities at ``temperature`` in ``path``.
+    ``[B, L, V]``, e.g. ``lambda inputs: call_model(model.eval(), inputs)``; it runs under
+    ``torch.no_grad``) over every example of ``dataset`` in order and caches the top-``k``
+    log-probabilities at ``temperature`` in ``path``.
 
     An existing cache at ``path`` is resumed when its spec is the same (an error names what
     differs) and left alone when complete. ``progress(done, total)`` is called after each shard.

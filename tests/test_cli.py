@@ -19,12 +19,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("command, expected", [
-    ([], ["distill", "eval", "demo", "plugins", "bench", "--disable-plugins"]),
+    ([], ["distill", "eval", "cache-teacher", "demo", "plugins", "bench", "--disable-plugins"]),
     (["demo"], ["--seeds", "--epochs", "--train-fraction", "--output-dir"]),
     (["distill"], ["config", "--resume", "--set KEY=VALUE", "torchrun"]),
     (["eval"], ["config", "--checkpoint"]),
     (["plugins"], ["--json"]),
-    (["bench"], ["--help-bench", "--benchmark {kd_loss,fused_linear_kd}"]),
+    (["bench"], ["--help-bench", "--benchmark {kd_loss,kd_loss_sparse,fused_linear_kd}"]),
+    (["cache-teacher"], ["config", "--output", "--k", "--temperature", "--value-dtype", "--split", "--teacher"]),
 ])
 def test_help(capsys, command, expected):
     with pytest.raises(SystemExit) as exit_:

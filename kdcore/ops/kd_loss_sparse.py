@@ -106,11 +106,11 @@ def _check_teacher(indices, logprobs, kept, vocab: int, sparse_mode: int):
         row = int(out_of_range.any(1).nonzero()[0, 0])
         bad = sorted_indices[row][out_of_range[row]][0]
         raise sparse_rows_error(row, f"has index {int(bad)}, outside the student's vocabulary [0, {vocab})")
-    repeated = kept.unsqueeze(1) & (sorted_indices[:, 1:] == sorted_indices[:, :-1])
+    repeated = checked & (sorted_indices[:, 1:] == sorted_indices[:, :-1])
     if bool(repeated.any()):
         row = int(repeated.any(1).nonzero()[0, 0])
         raise sparse_rows_error(row, "lists a vocabulary index twice; each row's top-k indices must be distinct")
-    if logprobs.shape[1] and bool((checked & (sorted_logprobs == torch.inf)).any()):
+    if bool((checked & (sorted_logprobs == torch.inf)).any()):
         row = int((checked & (sorted_logprobs == torch.inf)).any(1).nonzero()[0, 0])
         raise sparse_rows_error(row, "has a log-probability of +inf")
     if sparse_mode == SPARSE_TAIL:
