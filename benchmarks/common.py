@@ -162,6 +162,23 @@ def measure(steps: dict[str, Callable[[], torch.Tensor]], device: torch.device, 
     return measured
 
 
+def measure_student_losses(losses: dict[str, Callable[[torch.Tensor], torch.Tensor]], student: torch.Tensor,
+                           device: torch.device, args) -> dict[str, tuple]:
+    """:func:`measure` for losses of one student tensor: each step clears its gradient, computes
+    ``loss_fn(student)`` and runs backward (the reference backend gets the short budget)."""
+    steps = {}
+    for name, loss_fn in losses.items():
+        def step(loss_fn=loss_fn):
+            student.grad = None
+            loss = loss_fn(student)
+            loss.backward()
+            return loss
+
+        steps[name] = step
+    return measure(steps, device, reset=lambda: setattr(student, "grad", None), budget_s=args.budget,
+                   max_reps=args.max_reps, slow=("kdcore-reference",))
+
+
 def results(benchmark: str, measured: dict[str, tuple], problem: dict, device: torch.device, limit_ms: float,
             limit: str) -> list[Result]:
     """One Result per measured implementation, each with its peers' medians; a loss that differs

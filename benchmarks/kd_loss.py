@@ -20,7 +20,14 @@ import torch
 import torch.nn.functional as F
 
 import kdcore
-from benchmarks.common import Result, add_common_arguments, copy_bandwidth_gbs, measure, problems_for, results
+from benchmarks.common import (
+    Result,
+    add_common_arguments,
+    copy_bandwidth_gbs,
+    measure_student_losses,
+    problems_for,
+    results,
+)
 
 PROBLEMS = {
     "cpu": ["float32:512x32000", "float32:2048x32000", "bfloat16:512x128256"],
@@ -116,17 +123,9 @@ def run_problem(spec: str, divergence: str, device: torch.device, bandwidth: flo
     limit_ms = 3 * student.element_size() * n * v / (bandwidth * 1e9) * 1e3
     problem = {"divergence": divergence, "shape": [n, v], "dtype": str(dtype).removeprefix("torch."),
                "temperature": args.temperature}
-    steps = {}
-    for name, loss_fn in implementations(divergence, device, args).items():
-        def step(loss_fn=loss_fn):
-            student.grad = None
-            loss = loss_fn(student, teacher)
-            loss.backward()
-            return loss
-
-        steps[name] = step
-    measured = measure(steps, device, reset=lambda: setattr(student, "grad", None), budget_s=args.budget,
-                       max_reps=args.max_reps, slow=("kdcore-reference",))
+    losses = {name: (lambda s, loss_fn=loss_fn: loss_fn(s, teacher))
+              for name, loss_fn in implementations(divergence, device, args).items()}
+    measured = measure_student_losses(losses, student, device, args)
     return results("kd_loss", measured, problem, device, limit_ms,
                    f"{3 * student.element_size()} B/elem at {bandwidth:.1f} GB/s copy")
 

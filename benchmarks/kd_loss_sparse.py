@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import kdcore
-from benchmarks.common import add_common_arguments, copy_bandwidth_gbs, measure, problems_for, results
+from benchmarks.common import add_common_arguments, copy_bandwidth_gbs, measure_student_losses, problems_for, results
 
 PROBLEMS = {
     "cpu": ["float32:512x32000:128", "bfloat16:512x128256:128"],
@@ -78,17 +78,7 @@ def run_problem(spec: str, device: torch.device, bandwidth: float, args):
     impls["torch-compile"] = torch.compile(eager)
     if args.impls:
         impls = {key: fn for key, fn in impls.items() if any(sel in key for sel in args.impls.split(","))}
-    steps = {}
-    for name, loss_fn in impls.items():
-        def step(loss_fn=loss_fn):
-            student.grad = None
-            loss = loss_fn(student)
-            loss.backward()
-            return loss
-
-        steps[name] = step
-    measured = measure(steps, device, reset=lambda: setattr(student, "grad", None), budget_s=args.budget,
-                       max_reps=args.max_reps, slow=("kdcore-reference",))
+    measured = measure_student_losses(impls, student, device, args)
     return results("kd_loss_sparse", measured, problem, device, limit_ms,
                    f"{2 * student.element_size()} B/elem at {bandwidth:.1f} GB/s copy")
 

@@ -10,7 +10,12 @@ from kdcore import _checks
 from kdcore import plugins
 from kdcore.divergences import DIVERGENCES, REDUCTIONS, REDUCTION_NONE
 from kdcore.ops import gpu_choice
-from kdcore.ops.fused_linear import FusedLinearKdLoss, default_chunk_size
+from kdcore.ops.fused_linear import (
+    FusedLinearKdLoss,
+    default_chunk_size,
+    dense_teacher_chunks,
+    sparse_teacher_chunks,
+)
 from kdcore.ops.kd_loss import InplaceKdLoss, loss_dtype
 from kdcore.ops.kd_loss_sparse import SPARSE_MODES
 from kdcore.sparse import SparseTeacher
@@ -233,17 +238,22 @@ def _one_teacher(fn: str, teacher_logits, teacher):
     return teacher if teacher_logits is None else teacher_logits
 
 
+def _student_vocab(fn: str, size: int, vocab_size) -> int:
+    """The student's compared vocabulary against a sparse teacher: all of it, or ``vocab_size``."""
+    if vocab_size is None:
+        return size
+    vocab = _checks.integer(fn, "vocab_size", vocab_size)
+    if not 1 <= vocab <= size:
+        raise ValueError(f"{fn}: vocab_size must lie in [1, {size}] (the student's vocabulary), got {vocab}")
+    return vocab
+
+
 def _sparse_kd_loss(fn, student_logits, teacher: SparseTeacher, sparse_mode: int, options: LossOptions, labels, mask,
                     normalizer, vocab_size, backend):
     """kd_loss against a SparseTeacher (the kd_loss_sparse op family)."""
     student = _checks.logits(fn, "student_logits", student_logits)
     leading = student.shape[:-1]
-    vocab = student.shape[-1]
-    if vocab_size is not None:
-        vocab = _checks.integer(fn, "vocab_size", vocab_size)
-        if not 1 <= vocab <= student.shape[-1]:
-            raise ValueError(f"{fn}: vocab_size must lie in [1, {student.shape[-1]}] (the student's vocabulary), "
-                             f"got {vocab}")
+    vocab = _student_vocab(fn, student.shape[-1], vocab_size)
     rows = _as_rows(student, vocab)
     indices, logprobs = teacher.rows(fn, leading, rows.device)
     labels, mask, normalizer = row_arguments(fn, rows, leading, labels, mask, normalizer, options)
@@ -257,9 +267,11 @@ def _sparse_kd_loss(fn, student_logits, teacher: SparseTeacher, sparse_mode: int
 def fused_linear_kd_loss(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
-    teacher_hidden: torch.Tensor,
-    teacher_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_weight: torch.Tensor | None = None,
     *,
+    teacher: SparseTeacher | None = None,
+    sparse_mode: str = "tail",
     student_bias: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
     chunk_size: int | None = None,
@@ -291,6 +303,10 @@ def fused_linear_kd_loss(
     or ``"sum"`` (per-row losses would need the chunks again in backward; use :func:`kd_loss`).
     The teacher gets no gradient: its tensors must not require one. With vocabularies of different
     sizes, ``vocab_size`` names the shared first rows of both weights.
+
+    Instead of a teacher head, ``teacher=`` may be a :class:`kdcore.SparseTeacher` (``[..., k]``,
+    e.g. from a teacher-logit cache): each chunk of student logits then meets the teacher's top-k
+    rows, with ``sparse_mode`` as in :func:`kd_loss`; ``vocab_size`` then cuts the student's head.
     """
     fn = "fused_linear_kd_loss"
     options = loss_options(fn, divergence=divergence, temperature=temperature, beta=beta, alpha=alpha,
@@ -300,16 +316,32 @@ def fused_linear_kd_loss(
         raise ValueError(f"{fn}: reduction='none' is not supported (the per-row losses' gradients would need every "
                          "chunk again in backward); use 'batchmean' or 'sum', or kd_loss on materialized logits")
     hidden, weight, bias, leading = _linear_head(fn, "student", student_hidden, student_weight, student_bias)
-    t_hidden, t_weight, t_bias, t_leading = _linear_head(fn, "teacher", teacher_hidden, teacher_weight, teacher_bias)
-    _checks.same_device(fn, "student_hidden", hidden, teacher_hidden=t_hidden)
-    if t_leading != leading:
-        raise ValueError(f"{fn}: student_hidden {tuple(student_hidden.shape)} and teacher_hidden "
-                         f"{tuple(teacher_hidden.shape)} must have the same leading dimensions")
-    for name, value in (("teacher_hidden", t_hidden), ("teacher_weight", t_weight), ("teacher_bias", t_bias)):
-        if value is not None and value.requires_grad and torch.is_grad_enabled():
-            raise ValueError(f"{fn}: {name} requires grad, but the fused path computes no teacher gradient; detach "
-                             "the teacher's tensors (or use kd_loss on logits for mutual learning)")
-    vocab = shared_vocab(fn, ("student_weight", weight.shape[0]), ("teacher_weight", t_weight.shape[0]), vocab_size)
+    if teacher is not None:
+        if teacher_hidden is not None or teacher_weight is not None or teacher_bias is not None:
+            raise TypeError(f"{fn}: give either the teacher's head (teacher_hidden, teacher_weight) or teacher=, "
+                            "not both")
+        if not isinstance(teacher, SparseTeacher):
+            raise TypeError(f"{fn}: teacher must be a kdcore.SparseTeacher, got {type(teacher).__name__}")
+        vocab = _student_vocab(fn, weight.shape[0], vocab_size)
+        indices, logprobs = teacher.rows(fn, leading, hidden.device)
+        family = "kd_loss_sparse"
+    else:
+        if teacher_hidden is None or teacher_weight is None:
+            raise TypeError(f"{fn}: the teacher is missing: give teacher_hidden and teacher_weight, or teacher= "
+                            "(a SparseTeacher)")
+        t_hidden, t_weight, t_bias, t_leading = _linear_head(fn, "teacher", teacher_hidden, teacher_weight,
+                                                             teacher_bias)
+        _checks.same_device(fn, "student_hidden", hidden, teacher_hidden=t_hidden)
+        if t_leading != leading:
+            raise ValueError(f"{fn}: student_hidden {tuple(student_hidden.shape)} and teacher_hidden "
+                             f"{tuple(teacher_hidden.shape)} must have the same leading dimensions")
+        for name, value in (("teacher_hidden", t_hidden), ("teacher_weight", t_weight), ("teacher_bias", t_bias)):
+            if value is not None and value.requires_grad and torch.is_grad_enabled():
+                raise ValueError(f"{fn}: {name} requires grad, but the fused path computes no teacher gradient; "
+                                 "detach the teacher's tensors (or use kd_loss on logits for mutual learning)")
+        vocab = shared_vocab(fn, ("student_weight", weight.shape[0]), ("teacher_weight", t_weight.shape[0]),
+                             vocab_size)
+        family = "kd_loss"
     labels, mask, normalizer = row_arguments(fn, hidden, leading, labels, mask, normalizer, options)
     if chunk_size is None:
         chunk = default_chunk_size(hidden.shape[0], vocab, hidden.shape[1])
@@ -317,10 +349,15 @@ def fused_linear_kd_loss(
         chunk = _checks.integer(fn, "chunk_size", chunk_size)
         if chunk < 1:
             raise ValueError(f"{fn}: chunk_size must be at least 1, got {chunk}")
-    backend = _chosen_backend(fn, backend, hidden, options, vocab)
-    op = _op(resolve_op_name("kd_loss", backend, hidden.device.type, fn))
-    return FusedLinearKdLoss.apply(op, hidden, weight, bias, t_hidden, t_weight, t_bias, labels, mask, normalizer,
-                                   options.scalars(), vocab, chunk)
+    backend = _chosen_backend(fn, backend, hidden, options, vocab, family=family)
+    op = _op(resolve_op_name(family, backend, hidden.device.type, fn))
+    if family == "kd_loss_sparse":
+        mode = SPARSE_MODES[_checks.choice(fn, "sparse_mode", sparse_mode, SPARSE_MODES)]
+        chunk_loss = sparse_teacher_chunks(op, indices, logprobs, options.scalars(), mode)
+    else:
+        chunk_loss = dense_teacher_chunks(op, t_hidden, t_weight, t_bias, options.scalars(), vocab)
+    return FusedLinearKdLoss.apply(chunk_loss, hidden, weight, bias, labels, mask, normalizer, options.scalars(),
+                                   vocab, chunk)
 
 
 def _chosen_backend(fn: str, backend, rows: torch.Tensor, options: LossOptions, vocab: int,

@@ -164,6 +164,47 @@ def test_half_precision_error_within_twice_pytorchs(dtype):
         assert my_error <= 2 * torch_error + 1e-6
 
 
+SPARSE_BACKENDS = [b for b in BACKENDS if "kd_loss_sparse" in kdcore.backends()[b].families]
+
+
+def sparse_teacher_for(teacher, k=12):
+    logits = teacher["teacher_hidden"].double() @ teacher["teacher_weight"].double().T + teacher["teacher_bias"].double()
+    logprobs, indices = torch.log_softmax(logits / 1.5, -1).topk(k, dim=-1)
+    return kdcore.SparseTeacher(indices, logprobs.float())
+
+
+@pytest.mark.parametrize("mode", ["tail", "renorm"])
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
+def test_sparse_teacher_matches_materialized_logits(backend, case, mode):
+    """teacher= a SparseTeacher (a cached teacher): chunk by chunk against kd_loss on full logits."""
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    student, teacher = problem(dtype=dtype)
+    sparse = sparse_teacher_for(teacher)
+    options = options_for(case, 37)
+    loss = kdcore.fused_linear_kd_loss(**student, teacher=sparse, sparse_mode=mode, chunk_size=8, backend=backend,
+                                       **options)
+    logits = student["student_hidden"].double() @ student["student_weight"].double().T + student["student_bias"].double()
+    expected = kdcore.kd_loss(logits, sparse, sparse_mode=mode, backend="reference", **options)
+    tolerance = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(loss.double(), expected, **tolerance)
+    for ours, theirs in zip(grads(loss, student), grads(expected, student)):
+        torch.testing.assert_close(ours.double(), theirs.double(), **tolerance)
+
+
+def test_sparse_teacher_errors_name_the_row():
+    student, teacher = problem()
+    sparse = sparse_teacher_for(teacher)
+    indices = sparse.indices.clone()
+    indices[20, 1] = indices[20, 0]
+    with pytest.raises(ValueError, match=r"row 4 of the sparse teacher lists a vocabulary index twice.*from row 16"):
+        kdcore.fused_linear_kd_loss(**student, teacher=kdcore.SparseTeacher(indices, sparse.logprobs), chunk_size=8)
+    with pytest.raises(TypeError, match="either the teacher's head .* or teacher=, not both"):
+        kdcore.fused_linear_kd_loss(**student, **teacher, teacher=sparse)
+    with pytest.raises(TypeError, match="the teacher is missing"):
+        kdcore.fused_linear_kd_loss(**student)
+
+
 @pytest.mark.parametrize("change, error, match", [
     (dict(reduction="none"), ValueError, r"reduction='none' is not supported"),
     (dict(chunk_size=0), ValueError, r"chunk_size must be at least 1, got 0"),

@@ -1,15 +1,16 @@
-"""fused_linear_kd_loss: both models' LM heads and the kd_loss, chunk by chunk over rows.
+"""fused_linear_kd_loss: the student's LM head and the kd_loss, chunk by chunk over rows.
 
-For each chunk of ``C`` rows it computes the student's and the teacher's logits (``[C, V]``, the
-input dtype, fp32 accumulation inside the matmul), runs a kd_loss backend op on them — which
+For each chunk of ``C`` rows it computes the student's logits (``[C, V]``, the input dtype, fp32
+accumulation inside the matmul) and hands them to a chunk loss — the teacher's logits computed the
+same way and a kd_loss backend op, or a sparse teacher's rows and a kd_loss_sparse op — which
 returns the chunk's loss *and* its gradient with respect to the student logits — and folds that
 gradient straight into the gradients of the student's hidden states, weight and bias (weight and
 bias accumulated in fp32 across chunks). No ``[N, V]`` tensor ever exists: the extra memory is a
 few ``[C, V]`` chunks plus the weight gradient. The gradients are computed in the forward pass, as
 the kd_loss ops do; backward scales them by the upstream gradient.
 
-Cost per chunk: two ``C × V × H`` matmuls forward (student and teacher) and two backward (hidden
-and weight gradients), plus the fused loss pass over ``2 · C · V`` logits.
+Cost per chunk: two ``C × V × H`` matmuls forward (student and a dense teacher) and two backward
+(hidden and weight gradients), plus the fused loss pass over the chunk's logits.
 """
 
 from __future__ import annotations
@@ -39,21 +40,46 @@ def default_chunk_size(rows: int, vocab: int, hidden: int) -> int:
     return max(1, min(rows, 1 << max(0, math.ceil(math.log2(chunk)))))
 
 
+# chunk_loss(student_logits [C, V], rows, labels, mask, normalizer, student_grad) -> (loss, grad)
+ChunkLoss = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+def dense_teacher_chunks(op: Callable, teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor,
+                         teacher_bias: torch.Tensor | None, scalars: Sequence, vocab: int) -> ChunkLoss:
+    """The chunk loss against a teacher's LM head: its logits for the chunk, then the kd_loss op."""
+    weight_v = teacher_weight[:vocab]
+    bias_v = None if teacher_bias is None else teacher_bias[:vocab]
+
+    def chunk_loss(logits, rows, labels, mask, normalizer, student_grad):
+        teacher_logits = F.linear(teacher_hidden[rows], weight_v, bias_v)
+        loss, grad, _ = op(logits, teacher_logits, labels, mask, normalizer, *scalars, student_grad, False)
+        return loss, grad
+
+    return chunk_loss
+
+
+def sparse_teacher_chunks(op: Callable, indices: torch.Tensor, logprobs: torch.Tensor, scalars: Sequence,
+                          sparse_mode: int) -> ChunkLoss:
+    """The chunk loss against a sparse (top-k) teacher's rows: the kd_loss_sparse op."""
+
+    def chunk_loss(logits, rows, labels, mask, normalizer, student_grad):
+        return op(logits, indices[rows], logprobs[rows], labels, mask, normalizer, *scalars, sparse_mode, student_grad)
+
+    return chunk_loss
+
+
 class FusedLinearKdLoss(torch.autograd.Function):
-    """Arguments: ``op`` (a kd_loss backend op), the student's ``hidden [N, Hs]``, ``weight
-    [V', Hs]``, ``bias [V']`` (or None), the teacher's (no gradient), ``labels``/``mask`` (``[N]``
-    or None), ``normalizer`` (a 0-dim tensor or None), ``scalars`` (the op's scalar arguments),
-    ``vocab`` (the compared vocabulary: the first ``vocab`` rows of each weight), ``chunk``."""
+    """Arguments: ``chunk_loss`` (see :data:`ChunkLoss`), the student's ``hidden [N, Hs]``,
+    ``weight [V', Hs]``, ``bias [V']`` (or None), ``labels``/``mask`` (``[N]`` or None),
+    ``normalizer`` (a 0-dim tensor or None), ``scalars`` (the op's scalar arguments), ``vocab``
+    (the compared vocabulary: the first ``vocab`` rows of the weight), ``chunk``."""
 
     @staticmethod
-    def forward(ctx, op: Callable, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor, teacher_bias: torch.Tensor | None,
+    def forward(ctx, chunk_loss: ChunkLoss, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 labels: torch.Tensor | None, mask: torch.Tensor | None, normalizer: torch.Tensor | None,
                 scalars: Sequence, vocab: int, chunk: int) -> torch.Tensor:
         rows = hidden.shape[0]
         weight_v, bias_v = weight[:vocab], None if bias is None else bias[:vocab]
-        teacher_weight_v = teacher_weight[:vocab]
-        teacher_bias_v = None if teacher_bias is None else teacher_bias[:vocab]
         scalars = list(scalars)
         if scalars[_REDUCTION] == REDUCTIONS["batchmean"] and normalizer is None:
             # the divisor of the whole batch, so each chunk's loss and gradient are its share
@@ -71,11 +97,15 @@ class FusedLinearKdLoss(torch.autograd.Function):
             part = slice(start, min(rows, start + chunk))
             h = hidden[part]
             logits = F.linear(h, weight_v, bias_v)
-            teacher_logits = F.linear(teacher_hidden[part], teacher_weight_v, teacher_bias_v)
-            loss, grad, _ = op(logits, teacher_logits, None if labels is None else labels[part],
-                               None if mask is None else mask[part], normalizer, *scalars, student_grad, False)
+            try:
+                loss, grad = chunk_loss(logits, part, None if labels is None else labels[part],
+                                        None if mask is None else mask[part], normalizer, student_grad)
+            except ValueError as exc:  # the op numbers rows within the chunk
+                if start == 0:
+                    raise
+                raise ValueError(f"{exc} [row numbers count from row {start}, where this chunk starts]") from None
             total += loss
-            del logits, teacher_logits
+            del logits
             if not student_grad:
                 continue
             if grad_hidden is not None:
@@ -98,4 +128,4 @@ class FusedLinearKdLoss(torch.autograd.Function):
         out_hidden = None if grad_hidden is None else grad_hidden * scale.to(grad_hidden.dtype)
         out_weight = None if grad_weight is None else (grad_weight * scale).to(weight_dtype)
         out_bias = None if grad_bias is None else (grad_bias * scale).to(bias_dtype)
-        return None, out_hidden, out_weight, out_bias, None, None, None, None, None, None, None, None, None
+        return None, out_hidden, out_weight, out_bias, None, None, None, None, None, None
