@@ -12,7 +12,7 @@ from kdcore.ops import gpu_choice
 
 def test_cuda_backend_is_listed_with_its_reason():
     status = kdcore.backends()["cuda"]
-    assert status.devices == ("cuda",) and set(status.families) == {"kd_loss", "kd_loss_inplace"}
+    assert status.devices == ("cuda",) and set(status.families) == {"kd_loss", "kd_loss_inplace", "kd_loss_sparse"}
     if status.available:
         assert torch.cuda.is_available()
         return

@@ -1,0 +1,142 @@
+"""Distilling Hugging Face causal language models (``transformers`` is an optional extra:
+``pip install kdcore[transformers]``).
+
+- :func:`causal_lm_kd_loss`: the token-level distillation loss of a student ``PreTrainedModel``
+  against a teacher model (or a :class:`kdcore.SparseTeacher`, e.g. from a teacher-logit cache) on
+  one batch of ``input_ids`` / ``attention_mask`` / ``labels`` in Hugging Face's convention (labels
+  are the input ids, ``-100`` on prompt and padding tokens; the shift to next-token targets happens
+  here). With ``fused=True`` neither model's ``[tokens, vocab]`` logits are materialized: the loss
+  runs on the models' last hidden states and LM heads through :func:`kdcore.fused_linear_kd_loss`.
+- :class:`KDTrainer`: a ``transformers.Trainer`` whose loss is ``causal_lm_kd_loss`` (plus the
+  usual cross-entropy, weighted), for people who stay in Trainer. It divides by Trainer's count
+  of the step's target tokens, so gradient accumulation gives the full-batch gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+import kdcore
+from kdcore.sparse import SparseTeacher
+
+try:
+    import transformers
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError("kdcore.integrations.transformers needs transformers: pip install kdcore[transformers]") from exc
+
+KD_OPTIONS = ("divergence", "temperature", "beta", "alpha", "t2_scale", "kd_weight", "ce_weight", "sparse_mode",
+              "vocab_size", "backend")
+
+
+def _final_hidden_and_head(model, batch: Mapping[str, torch.Tensor]):
+    """(last hidden states after the final norm, LM head weight, bias) of a causal LM, without its
+    logits. Refuses models whose logits are not a plain linear map of those states."""
+    config = model.config
+    for attribute in ("final_logit_softcapping", "logit_scale"):
+        if getattr(config, attribute, None) not in (None, 1.0):
+            raise ValueError(f"causal_lm_kd_loss(fused=True): {type(model).__name__} transforms its logits "
+                             f"({attribute}={getattr(config, attribute)}), so they are not its LM head applied to "
+                             "the hidden states; use fused=False")
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        raise ValueError(f"causal_lm_kd_loss(fused=True): {type(model).__name__}'s output embeddings are "
+                         f"{type(head).__name__}, not a Linear LM head; use fused=False")
+    base = model.base_model
+    inputs = {key: batch[key] for key in ("input_ids", "attention_mask") if batch.get(key) is not None}
+    hidden = base(**inputs).last_hidden_state
+    return hidden, head.weight, head.bias
+
+
+def _logits(model, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    inputs = {key: batch[key] for key in ("input_ids", "attention_mask") if batch.get(key) is not None}
+    return model(**inputs).logits
+
+
+def next_token_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Hugging Face labels (the input ids, -100 where no loss is wanted) as the target of each
+    position: ``labels[:, 1:]``, the positions that predict them being ``[:, :-1]``."""
+    return labels[:, 1:]
+
+
+def causal_lm_kd_loss(student, teacher, batch: Mapping[str, torch.Tensor], *, fused: bool = False,
+                      normalizer: float | torch.Tensor | None = None, **options: Any) -> torch.Tensor:
+    """The distillation loss of ``student`` (a causal-LM ``PreTrainedModel``) against ``teacher``
+    (another, run here under ``no_grad``; or a :class:`SparseTeacher` of shape ``[B, L-1, k]``, one
+    entry per predicting position) on ``batch`` (``input_ids``, optional ``attention_mask``,
+    ``labels`` with ``-100`` on prompt/padding tokens).
+
+    Only positions whose next-token label is not -100 count: prompt tokens and padding contribute
+    nothing, to the divergence or to the cross-entropy (``ce_weight``). ``options`` are
+    :func:`kdcore.kd_loss`'s (``divergence``, ``temperature``, ``beta``, ``alpha``, ``t2_scale``,
+    ``kd_weight``, ``ce_weight``, ``sparse_mode``, ``vocab_size`` for vocabularies of different
+    sizes, ``backend``); the mean is over counted tokens, or ``normalizer``.
+    """
+    unknown = sorted(set(options) - set(KD_OPTIONS))
+    if unknown:
+        raise TypeError(f"causal_lm_kd_loss: unknown option(s) {unknown}; choose from {list(KD_OPTIONS)}")
+    if "labels" not in batch or "input_ids" not in batch:
+        raise ValueError("causal_lm_kd_loss: the batch needs input_ids and labels (Hugging Face's convention: the "
+                         "input ids with -100 on prompt and padding tokens)")
+    labels = next_token_labels(batch["labels"])
+    if isinstance(teacher, torch.nn.Module) and teacher.training:
+        raise ValueError("causal_lm_kd_loss: the teacher is in training mode (dropout would perturb its targets); "
+                         "call teacher.eval()")
+    common = dict(labels=labels, normalizer=normalizer, **options)
+    sparse = isinstance(teacher, SparseTeacher)
+    if sparse:
+        expected = tuple(labels.shape)
+        if tuple(teacher.indices.shape[:-1]) != expected:
+            raise ValueError(f"causal_lm_kd_loss: the sparse teacher must have one row per predicting position, "
+                             f"shape {expected} + (k,), got {tuple(teacher.indices.shape)}")
+    if fused:
+        hidden, weight, bias = _final_hidden_and_head(student, batch)
+        if sparse:
+            return kdcore.fused_linear_kd_loss(hidden[:, :-1], weight, student_bias=bias, teacher=teacher, **common)
+        with torch.no_grad():
+            t_hidden, t_weight, t_bias = _final_hidden_and_head(teacher, batch)
+        return kdcore.fused_linear_kd_loss(hidden[:, :-1], weight, t_hidden[:, :-1], t_weight.detach(),
+                                           student_bias=bias, teacher_bias=None if t_bias is None else t_bias.detach(),
+                                           **common)
+    logits = _logits(student, batch)[:, :-1]
+    if sparse:
+        return kdcore.kd_loss(logits, teacher=teacher, **common)
+    with torch.no_grad():
+        teacher_logits = _logits(teacher, batch)[:, :-1]
+    return kdcore.kd_loss(logits, teacher_logits, **common)
+
+
+class KDTrainer(transformers.Trainer):
+    """``transformers.Trainer`` training a student against ``teacher`` with
+    :func:`causal_lm_kd_loss`. ``kd_options`` are its options (e.g. ``divergence="jsd"``,
+    ``temperature=2.0``, ``ce_weight=0.5``, ``fused=True``). The teacher is moved to the student's
+    device and kept in eval mode; it is never trained.
+
+    Trainer counts the target tokens of the whole step (``num_items_in_batch``, over every
+    accumulated micro-batch and process); the loss divides by it, so the accumulated gradient
+    equals the full batch's.
+    """
+
+    def __init__(self, *args, teacher, kd_options: Mapping[str, Any] | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.teacher = teacher.to(self.args.device).eval()
+        for parameter in self.teacher.parameters():
+            parameter.requires_grad_(False)
+        self.kd_options = dict(kd_options or {})
+        # Trainer counts the step's target tokens (labels[..., 1:] != -100) only for losses that
+        # use the count, and then leaves the loss unscaled for accumulation: this one does.
+        self.model_accepts_loss_kwargs = True
+        self._loss_shifts_labels = True
+        self.loss_is_scaled_for_ga = True
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        normalizer = None
+        if num_items_in_batch is not None:
+            normalizer = torch.as_tensor(num_items_in_batch, dtype=torch.float32).clamp_min(1)
+        loss = causal_lm_kd_loss(model, self.teacher, inputs, normalizer=normalizer, **self.kd_options)
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            # the count is summed over processes and DDP averages their gradients: undo the mean
+            loss = loss * self.accelerator.num_processes
+        return (loss, None) if return_outputs else loss

@@ -1,0 +1,152 @@
+"""The Hugging Face integration on tiny causal LMs built from configs (offline): the loss against a
+hand-written formula, masked prompt/padding tokens, fused = materialized, different vocabularies,
+sparse (cached) teachers, and KDTrainer's gradient accumulation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+transformers = pytest.importorskip("transformers")
+
+import kdcore  # noqa: E402
+from kdcore.integrations.transformers import KDTrainer, causal_lm_kd_loss  # noqa: E402
+
+
+def gpt2(vocab=64, layers=1, seed=0):
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(vocab_size=vocab, n_positions=32, n_embd=32, n_layer=layers, n_head=2,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None,
+                                     eos_token_id=None)
+    return transformers.GPT2LMHeadModel(config).double().eval()
+
+
+def llama(vocab=72, seed=1):
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+    return transformers.LlamaForCausalLM(config).double().eval()
+
+
+def batch(vocab=64, size=3, length=10, seed=2):
+    """Prompts of 3 tokens (label -100) and the last two positions of row 1 padded."""
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(vocab, (size, length), generator=g)
+    attention_mask = torch.ones(size, length, dtype=torch.long)
+    attention_mask[1, -2:] = 0
+    labels = input_ids.clone()
+    labels[:, :3] = -100
+    labels[attention_mask == 0] = -100
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def test_loss_is_the_formula_over_counted_tokens_only():
+    student, teacher, data = gpt2(), gpt2(layers=2, seed=5), batch()
+    loss = causal_lm_kd_loss(student, teacher, data, divergence="forward_kl", temperature=2.0, ce_weight=0.3,
+                             kd_weight=0.7)
+    s = student(input_ids=data["input_ids"], attention_mask=data["attention_mask"]).logits[:, :-1]
+    with torch.no_grad():
+        t = teacher(input_ids=data["input_ids"], attention_mask=data["attention_mask"]).logits[:, :-1]
+    target = data["labels"][:, 1:]
+    counted = target != -100
+    s, t, target = s[counted], t[counted], target[counted]
+    kl = (F.softmax(t / 2, -1) * (F.log_softmax(t / 2, -1) - F.log_softmax(s / 2, -1))).sum(-1)
+    expected = (0.7 * 4 * kl + 0.3 * F.cross_entropy(s, target, reduction="none")).mean()
+    torch.testing.assert_close(loss, expected)
+
+
+def test_prompt_and_padding_tokens_contribute_nothing():
+    student, teacher, data = gpt2(), gpt2(seed=5), batch()
+    loss = causal_lm_kd_loss(student, teacher, data, temperature=2.0, ce_weight=0.5)
+    (grad,) = torch.autograd.grad(loss, [student.lm_head.weight])
+    # change what sits on ignored positions' targets: the loss and gradient stay the same
+    changed = {**data, "labels": data["labels"].clone()}
+    changed["labels"][:, :3] = -100  # already ignored; now also with different ids behind the mask
+    changed["input_ids"] = data["input_ids"].clone()
+    changed["input_ids"][1, -2:] = (data["input_ids"][1, -2:] + 7) % 64  # padding tokens, masked out
+    again = causal_lm_kd_loss(student, teacher, changed, temperature=2.0, ce_weight=0.5)
+    (grad_again,) = torch.autograd.grad(again, [student.lm_head.weight])
+    torch.testing.assert_close(again, loss)
+    torch.testing.assert_close(grad_again, grad)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd", "skew_kl"])
+def test_fused_equals_materialized(divergence):
+    student, teacher, data = gpt2(), gpt2(layers=2, seed=5), batch()
+    options = dict(divergence=divergence, temperature=1.5, ce_weight=0.2)
+    fused = causal_lm_kd_loss(student, teacher, data, fused=True, **options)
+    plain = causal_lm_kd_loss(student, teacher, data, **options)
+    torch.testing.assert_close(fused, plain)
+    params = [p for p in student.parameters() if p.requires_grad]
+    for a, b in zip(torch.autograd.grad(fused, params), torch.autograd.grad(plain, params)):
+        torch.testing.assert_close(a, b)
+
+
+def test_vocabularies_of_different_sizes():
+    student, teacher, data = gpt2(vocab=64), llama(vocab=72), batch(vocab=64)
+    with pytest.raises(ValueError, match="pass vocab_size=64"):
+        causal_lm_kd_loss(student, teacher, data)
+    plain = causal_lm_kd_loss(student, teacher, data, vocab_size=64, divergence="reverse_kl")
+    fused = causal_lm_kd_loss(student, teacher, data, vocab_size=64, divergence="reverse_kl", fused=True)
+    torch.testing.assert_close(fused, plain)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_sparse_teacher_from_a_cache(fused):
+    student, teacher, data = gpt2(), gpt2(seed=5), batch()
+    with torch.no_grad():
+        logits = teacher(input_ids=data["input_ids"], attention_mask=data["attention_mask"]).logits[:, :-1]
+    logprobs, indices = torch.log_softmax(logits, -1).topk(16, dim=-1)
+    sparse = kdcore.SparseTeacher(indices, logprobs)
+    loss = causal_lm_kd_loss(student, sparse, data, fused=fused, sparse_mode="tail")
+    s = student(input_ids=data["input_ids"], attention_mask=data["attention_mask"]).logits[:, :-1]
+    expected = kdcore.kd_loss(s, sparse, labels=data["labels"][:, 1:], sparse_mode="tail")
+    torch.testing.assert_close(loss, expected)
+    with pytest.raises(ValueError, match="one row per predicting position"):
+        causal_lm_kd_loss(student, kdcore.SparseTeacher(indices[:, :-1], logprobs[:, :-1]), data)
+
+
+def test_bad_calls_are_named():
+    student, teacher, data = gpt2(), gpt2(seed=5), batch()
+    with pytest.raises(ValueError, match=r"teacher is in training mode .* teacher.eval\(\)"):
+        causal_lm_kd_loss(student, teacher.train(), data)
+    teacher.eval()
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['temprature'\]"):
+        causal_lm_kd_loss(student, teacher, data, temprature=2.0)
+    with pytest.raises(ValueError, match="needs input_ids and labels"):
+        causal_lm_kd_loss(student, teacher, {"input_ids": data["input_ids"]})
+
+
+class _Rows(torch.utils.data.Dataset):
+    def __init__(self, data):
+        self.data = data
+
+    def __len__(self):
+        return len(self.data["input_ids"])
+
+    def __getitem__(self, i):
+        return {key: value[i] for key, value in self.data.items()}
+
+
+def _trained_head(tmp_path, batch_size, accumulation):
+    student, teacher = gpt2().float(), gpt2(layers=2, seed=5).float()
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / f"run{batch_size}"), per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=accumulation, max_steps=1, learning_rate=0.5, optim="sgd",
+        lr_scheduler_type="constant", report_to=[], use_cpu=True, save_strategy="no", seed=0,
+        dataloader_drop_last=True)
+    trainer = KDTrainer(model=student, args=args, train_dataset=_Rows(batch(size=4, seed=9)), teacher=teacher,
+                        kd_options={"temperature": 2.0, "ce_weight": 0.5, "divergence": "jsd"})
+    trainer.train()
+    return student.lm_head.weight.detach().clone()
+
+
+def test_trainer_accumulation_matches_the_full_batch(tmp_path):
+    """Rows with different numbers of counted tokens: two accumulated halves must give the same step
+    as the whole batch (the loss divides by the step's token count, not per micro-batch)."""
+    full = _trained_head(tmp_path, batch_size=4, accumulation=1)
+    halves = _trained_head(tmp_path, batch_size=2, accumulation=2)
+    before = gpt2().float().lm_head.weight.detach()
+    assert not torch.allclose(full, before)  # it trained
+    torch.testing.assert_close(halves, full, rtol=1e-4, atol=1e-6)
