@@ -87,6 +87,14 @@ class TinyLM(nn.Module):
         return self.head(hidden + self.block(hidden))
 
 
+def hf_causal_lm(**options):
+    """kdcore.integrations.transformers.causal_lm, imported when a config asks for it (transformers
+    is an optional extra)."""
+    from kdcore.integrations.transformers import causal_lm
+
+    return causal_lm(**options)
+
+
 class _Tokens(Dataset):
     def __init__(self, input_ids: torch.Tensor, labels: torch.Tensor) -> None:
         self.input_ids, self.labels = input_ids, labels
@@ -158,6 +166,8 @@ def kdcore_register_models(register):
     register("cnn", CNN, description="conv-BN-ReLU blocks, global pooling, linear head: num_classes, channels, "
                                      "in_channels, stride")
     register("tiny_lm", TinyLM, description="next-token model over input_ids: vocab_size, dim")
+    register("hf_causal_lm", hf_causal_lm, description="a Hugging Face causal LM (kdcore[transformers]): model_type "
+                                                       "and its config keys, or pretrained")
 
 
 @kdcore.hookimpl

@@ -150,3 +150,27 @@ def test_trainer_accumulation_matches_the_full_batch(tmp_path):
     before = gpt2().float().lm_head.weight.detach()
     assert not torch.allclose(full, before)  # it trained
     torch.testing.assert_close(halves, full, rtol=1e-4, atol=1e-6)
+
+
+def test_distiller_trains_hugging_face_models_from_a_config(tmp_path):
+    """hf_causal_lm in run configs: a GPT-2 teacher trained on labels, then response KD into a
+    smaller GPT-2 student, on the synthetic token chain (the engine's loss path, checkpoints)."""
+    from engine_helpers import lm_config
+
+    def model(layers):
+        return {"model": "hf_causal_lm", "options": {"model_type": "gpt2", "vocab_size": 64, "n_positions": 32,
+                                                     "n_embd": 16, "n_layer": layers, "n_head": 2,
+                                                     "bos_token_id": None, "eos_token_id": None}}
+
+    teacher_run = lm_config(tmp_path / "teacher", method={"name": "supervised"}, student=model(2),
+                            training={"epochs": 2})
+    teacher_metrics = kdcore.Distiller(teacher_run).fit()
+    student_run = lm_config(tmp_path / "student", method={"name": "response_kd", "temperature": 2.0},
+                            student=model(1),
+                            teachers=[{**model(2), "checkpoint": str(tmp_path / "teacher" / "student.pt")}],
+                            training={"epochs": 2})
+    metrics = kdcore.Distiller(student_run).fit()
+    assert teacher_metrics["perplexity"] < 64 and metrics["perplexity"] < 64  # below chance on 64 tokens
+    assert 0 < metrics["teacher_agreement"] <= 1
+    with pytest.raises(TypeError, match="exactly one of model_type"):
+        kdcore.integrations.transformers.causal_lm()

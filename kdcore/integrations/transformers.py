@@ -27,6 +27,23 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("kdcore.integrations.transformers needs transformers: pip install kdcore[transformers]") from exc
 
+def causal_lm(model_type: str | None = None, pretrained: str | None = None, **config: Any):
+    """A causal-LM ``PreTrainedModel``: ``from_pretrained(pretrained)`` (a local directory, or a hub
+    id where the network allows), or a fresh model of ``model_type`` (``"gpt2"``, ``"llama"``, ...)
+    built from ``config`` (its ``PretrainedConfig`` keys: ``vocab_size``, ``n_layer``, ...). Run
+    configs name it as the model ``hf_causal_lm`` with these options."""
+    if (model_type is None) == (pretrained is None):
+        raise TypeError("hf_causal_lm: give exactly one of model_type (a fresh model from config keys) or "
+                        "pretrained (a checkpoint directory or hub id)")
+    if pretrained is not None:
+        return transformers.AutoModelForCausalLM.from_pretrained(pretrained, **config)
+    try:
+        model_config = transformers.AutoConfig.for_model(model_type, **config)
+    except ValueError as exc:
+        raise TypeError(f"hf_causal_lm: {exc}") from None
+    return transformers.AutoModelForCausalLM.from_config(model_config)
+
+
 KD_OPTIONS = ("divergence", "temperature", "beta", "alpha", "t2_scale", "kd_weight", "ce_weight", "sparse_mode",
               "vocab_size", "backend")
 
