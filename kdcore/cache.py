@@ -29,8 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
-from torch.utils.data._utils.collate import default_collate
+from torch.utils.data import Dataset, default_collate
 
 from kdcore.sparse import SparseTeacher
 

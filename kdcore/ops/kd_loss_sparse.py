@@ -110,13 +110,15 @@ def _check_teacher(indices, logprobs, kept, vocab: int, sparse_mode: int):
     if bool(repeated.any()):
         row = int(repeated.any(1).nonzero()[0, 0])
         raise sparse_rows_error(row, "lists a vocabulary index twice; each row's top-k indices must be distinct")
-    if bool((checked & (sorted_logprobs == torch.inf)).any()):
-        row = int((checked & (sorted_logprobs == torch.inf)).any(1).nonzero()[0, 0])
+    infinite = checked & (sorted_logprobs == torch.inf)
+    if bool(infinite.any()):
+        row = int(infinite.any(1).nonzero()[0, 0])
         raise sparse_rows_error(row, "has a log-probability of +inf")
     if sparse_mode == SPARSE_TAIL:
         mass = torch.where(kept, sorted_logprobs.double().exp().sum(1), 0)
-        if bool((mass > 1 + PROBABILITY_SUM_SLACK).any()):
-            row = int((mass > 1 + PROBABILITY_SUM_SLACK).nonzero()[0, 0])
+        too_much = mass > 1 + PROBABILITY_SUM_SLACK
+        if bool(too_much.any()):
+            row = int(too_much.nonzero()[0, 0])
             raise sparse_rows_error(row, f"has probabilities summing to {float(mass[row]):.4g} > 1; logprobs must "
                                     "be log-probabilities (log_softmax of the teacher's logits), not logits")
     return sorted_indices.contiguous(), sorted_logprobs
