@@ -139,7 +139,8 @@ def cache_teacher_command(args: argparse.Namespace) -> int:
     spec = config.teachers[args.teacher]
     key = f"teachers.{args.teacher}"
     model = build_model(spec, key).to(args.device).eval()
-    dataset = build_splits(config.data)[0 if args.split == "train" else 1]
+    # the split as the dataset gives it: a data.teacher_cache in the config is what this writes
+    dataset = build_splits(config.data.model_copy(update={"teacher_cache": None}))[0 if args.split == "train" else 1]
     model_id = json.dumps({"model": spec.model, "options": spec.options, "checkpoint": spec.checkpoint,
                            "checkpoint_sha256": cache.file_sha256(spec.checkpoint) if spec.checkpoint else None},
                           sort_keys=True)

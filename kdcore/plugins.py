@@ -58,6 +58,11 @@ BUILTIN_PLUGINS = (
     ("kdcore.takd", "kdcore_plugins.takd"),
     ("kdcore.ensemble", "kdcore_plugins.ensemble"),
     ("kdcore.dml", "kdcore_plugins.dml"),
+    ("kdcore.llm_kd", "kdcore_plugins.llm_kd"),
+    ("kdcore.seq_kd", "kdcore_plugins.seq_kd"),
+    ("kdcore.gkd", "kdcore_plugins.gkd"),
+    ("kdcore.reasoning_kd", "kdcore_plugins.reasoning_kd"),
+    ("kdcore.cached_kd", "kdcore_plugins.cached_kd"),
 )
 
 REGISTRATION_HOOKS = {

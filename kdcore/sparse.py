@@ -23,6 +23,14 @@ class SparseTeacher:
     indices: torch.Tensor
     logprobs: torch.Tensor
 
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> SparseTeacher:
+        """The same teacher on ``device``."""
+        return SparseTeacher(self.indices.to(device, non_blocking=non_blocking),
+                             self.logprobs.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> SparseTeacher:
+        return SparseTeacher(self.indices.pin_memory(), self.logprobs.pin_memory())
+
     def rows(self, fn: str, leading: torch.Size, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Validates the pair against the student's leading shape and device; returns both as
         ``[N, k]`` rows (indices as int64)."""

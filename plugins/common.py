@@ -11,6 +11,7 @@ from torch import nn
 import kdcore
 from kdcore.engine.terms import cross_entropy
 from kdcore.functional import loss_options
+from kdcore.integrations.generation import GenerationOptions
 
 #: the options of the response-KD term, with Hinton et al.'s defaults
 RESPONSE_DEFAULTS = dict(temperature=4.0, divergence="forward_kl", beta=0.5, alpha=0.1, kd_weight=0.9, ce_weight=0.1)
@@ -34,6 +35,21 @@ class ResponseTerms:
         if self.weights["ce"] > 0:
             terms["ce"] = cross_entropy(student, batch.labels, ctx, method=self.method)
         return terms
+
+
+#: the config keys of a method that generates continuations (see GenerationOptions)
+GENERATION_DEFAULTS = dict(max_new_tokens=64, do_sample=False, generation_temperature=1.0, top_p=1.0, num_beams=1,
+                           eos_token_id=None)
+
+
+def generation_options(method: str, options: Mapping[str, Any]) -> GenerationOptions:
+    """The checked :class:`GenerationOptions` of a method's config (``generation_temperature`` is
+    the sampling temperature, apart from the loss's ``temperature``)."""
+    chosen = GenerationOptions(max_new_tokens=options["max_new_tokens"], do_sample=bool(options["do_sample"]),
+                               temperature=float(options["generation_temperature"]), top_p=float(options["top_p"]),
+                               num_beams=options["num_beams"], eos_token_id=options["eos_token_id"])
+    chosen.check(method)
+    return chosen
 
 
 def without_teachers(method: str, config) -> list:

@@ -25,12 +25,19 @@ Datasets (each returns seeded, reproducible ``train`` / ``val`` splits):
 * ``synthetic_tokens``: sequences from a random sparse Markov chain (each token has a few likely
   successors); items are ``{"input_ids", "labels"}`` with the labels shifted by one and the
   padding after each sequence's random length labelled ``-100``.
+* ``text``: byte-level language modelling (256 tokens, one per byte) on a text file, by default
+  the Shakespeare shipped in ``kdcore_plugins/data``. The last ``val_fraction`` of the text is held
+  out; both parts are cut into windows of ``seq_len + 1`` bytes (``stride`` apart, default
+  ``seq_len``), items ``{"input_ids", "labels"}`` with the labels shifted by one. With
+  ``prompt_len`` P, each window's first P bytes are a prompt: the labels of the P - 1 positions
+  before the first predicted byte are ``-100`` (generation-based methods continue the prompt).
 """
 
 from __future__ import annotations
 
 import gzip
 from importlib import resources
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -106,6 +113,34 @@ class _Tokens(Dataset):
         return {"input_ids": self.input_ids[index], "labels": self.labels[index]}
 
 
+def text(path: str | None = None, seq_len: int = 128, stride: int | None = None, prompt_len: int = 0,
+         val_fraction: float = 0.1, max_bytes: int | None = None) -> dict[str, Dataset]:
+    if path is None:
+        with resources.files("kdcore_plugins").joinpath("data/shakespeare.txt.gz").open("rb") as handle:
+            data = gzip.decompress(handle.read())
+    else:
+        data = Path(path).read_bytes()
+    data = data[:max_bytes]
+    stride = seq_len if stride is None else stride
+    if seq_len < 1 or stride < 1 or not 0 <= prompt_len <= seq_len or not 0 < val_fraction < 1:
+        raise ValueError(f"text: need seq_len >= 1, stride >= 1, 0 <= prompt_len <= seq_len and 0 < val_fraction "
+                         f"< 1; got seq_len={seq_len}, stride={stride}, prompt_len={prompt_len}, "
+                         f"val_fraction={val_fraction}")
+    tokens = torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
+    split = round(len(tokens) * (1 - val_fraction))
+
+    def windows(part: torch.Tensor) -> _Tokens:
+        if len(part) < seq_len + 1:
+            raise ValueError(f"text: a split of {len(part)} bytes is shorter than one window of seq_len + 1 = "
+                             f"{seq_len + 1}")
+        chunks = part.unfold(0, seq_len + 1, stride)
+        labels = chunks[:, 1:].clone()
+        labels[:, :max(prompt_len - 1, 0)] = -100
+        return _Tokens(chunks[:, :-1].contiguous(), labels)
+
+    return {"train": windows(tokens[:split]), "val": windows(tokens[split:])}
+
+
 def digits(val_fraction: float = 0.25, train_fraction: float = 1.0, images: bool = False,
            seed: int = 0) -> dict[str, Dataset]:
     with resources.files("kdcore_plugins").joinpath("data/digits.csv.gz").open("rb") as handle:
@@ -177,3 +212,5 @@ def kdcore_register_datasets(register):
              description="Gaussian inputs labelled by a random 2-layer network (no download)")
     register("synthetic_tokens", synthetic_tokens,
              description="token sequences from a random sparse Markov chain, padded, labels shifted (no download)")
+    register("text", text, description="byte-level language modelling on a text file (default: Shakespeare, "
+                                       "ships with kdcore), optional prompts")

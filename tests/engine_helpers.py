@@ -141,3 +141,31 @@ class Mutual(kdcore.Method):
 def tiny_classifier() -> torch.nn.Module:
     """A model named by import path in a config (``engine_helpers:tiny_classifier``)."""
     return torch.nn.Linear(FEATURES, CLASSES)
+
+
+def gpt2_spec(layers: int = 1, width: int = 32, checkpoint: str | None = None) -> dict[str, Any]:
+    """A byte-level GPT-2 (``hf_causal_lm``) without dropout."""
+    spec = {"model": "hf_causal_lm", "options": {
+        "model_type": "gpt2", "vocab_size": 256, "n_positions": 64, "n_embd": width, "n_layer": layers, "n_head": 2,
+        "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "bos_token_id": None, "eos_token_id": None}}
+    return {**spec, "checkpoint": checkpoint} if checkpoint else spec
+
+
+def text_config(output_dir: Path, *, method: dict[str, Any], teachers=(), prompt_len: int = 6, max_bytes: int = 3000,
+                **sections: Any) -> dict[str, Any]:
+    """A small CPU language-modelling run on the shipped text (16-byte windows of its first
+    ``max_bytes``, prompts of ``prompt_len`` bytes), GPT-2 student of one layer."""
+    config = {
+        "method": method,
+        "student": gpt2_spec(),
+        "teachers": copy.deepcopy(list(teachers)),
+        "data": {"dataset": "text", "batch_size": 8, "eval_batch_size": 32,
+                 "options": {"seq_len": 16, "prompt_len": prompt_len, "max_bytes": max_bytes}},
+        "optimizer": {"name": "adamw", "lr": 0.003},
+        "training": {"epochs": 1, "log_every": 1},
+        "eval": {"task": "language_modeling"},
+        "output_dir": str(output_dir),
+        "device": "cpu",
+    }
+    config.update(sections)
+    return config

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 import kdcore
-from engine_helpers import classification_config
+from engine_helpers import classification_config, gpt2_spec, text_config
 
 TESTS = Path(__file__).parent
 
@@ -31,10 +31,22 @@ def torchrun(config_path: Path, processes: int) -> dict[str, float]:
     return json.loads(printed[0])
 
 
-@pytest.mark.parametrize("method", ["response_kd", "engine_helpers:Probe"])
+def hf_config(tmp_path):
+    """Fused logit distillation between Hugging Face GPT-2s (the teacher freshly initialized from
+    the run's seed) on the shipped text."""
+    teacher = {**gpt2_spec(layers=2), "pretrained": True}
+    return text_config(tmp_path / "ddp", method={"name": "llm_kd", "fused": True, "divergence": "jsd", "ce_weight": 0.5},
+                       teachers=[teacher], max_bytes=1600, training={"epochs": 1, "grad_accum": 2, "log_every": 4})
+
+
+@pytest.mark.parametrize("method", ["response_kd", "engine_helpers:Probe", "llm_kd"])
 def test_two_processes_match_one(tmp_path, teacher, method):
-    config = classification_config(tmp_path / "ddp", method={"name": method}, teachers=[teacher],
-                                   training={"epochs": 2, "grad_accum": 2, "log_every": 4})
+    if method == "llm_kd":
+        pytest.importorskip("transformers")
+        config = hf_config(tmp_path)
+    else:
+        config = classification_config(tmp_path / "ddp", method={"name": method}, teachers=[teacher],
+                                       training={"epochs": 2, "grad_accum": 2, "log_every": 4})
     path = tmp_path / "ddp.yaml"
     path.write_text(yaml.safe_dump(config))
     metrics = torchrun(path, 2)
@@ -55,3 +67,16 @@ def test_two_processes_match_one(tmp_path, teacher, method):
     for ours, theirs in zip(ddp_log, single_log):
         if ours["event"] == "step":
             assert ours["total"] == pytest.approx(theirs["total"], rel=1e-4)
+
+
+def test_on_policy_distillation_under_two_processes(tmp_path):
+    """gkd samples on each process (its own half of every batch) and trains through DDP."""
+    pytest.importorskip("transformers")
+    config = hf_config(tmp_path)
+    config["method"] = {"name": "gkd", "lmbda": 0.5, "max_new_tokens": 6}
+    path = tmp_path / "gkd.yaml"
+    path.write_text(yaml.safe_dump(config))
+    metrics = torchrun(path, 2)
+    assert metrics["perplexity"] == metrics["perplexity"] and metrics["perplexity"] < 1e4
+    steps = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in steps if e["event"] == "step"] == [3, 7, 10]  # log_every 4, then the last

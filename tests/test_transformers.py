@@ -118,6 +118,18 @@ def test_bad_calls_are_named():
         causal_lm_kd_loss(student, teacher, {"input_ids": data["input_ids"]})
 
 
+def test_models_that_transform_their_logits_are_not_fused():
+    """Gemma 2 soft-caps its logits, so they are not its LM head applied to the hidden states."""
+    torch.manual_seed(0)
+    config = transformers.Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                       max_position_embeddings=32, final_logit_softcapping=2.0)
+    capped = transformers.Gemma2ForCausalLM(config).double().eval()
+    with pytest.raises(ValueError, match="Gemma2ForCausalLM's logits are not its LM head applied .* use fused=False"):
+        causal_lm_kd_loss(capped, gpt2(), batch(), fused=True)
+    assert torch.isfinite(causal_lm_kd_loss(capped, gpt2(), batch()))
+
+
 class _Rows(torch.utils.data.Dataset):
     def __init__(self, data):
         self.data = data

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
 from kdcore import plugins
+from kdcore.cache import CacheError, CachedTeacherDataset
 from kdcore.engine.config import ConfigError, DataSpec, ModelSpec, resolve
 
 
@@ -48,7 +50,8 @@ def load_weights(model: nn.Module, path: str | Path, key: str) -> None:
 
 
 def build_splits(spec: DataSpec) -> tuple[Dataset, Dataset]:
-    """The ``train`` and ``val`` splits of the configured dataset."""
+    """The ``train`` and ``val`` splits of the configured dataset; the train split carries its
+    cached teacher when the config names a ``teacher_cache``."""
     factory = resolve(spec.dataset, plugins.host().datasets, "data.dataset")
     try:
         splits = factory(**spec.options)
@@ -61,4 +64,10 @@ def build_splits(spec: DataSpec) -> tuple[Dataset, Dataset]:
     for split in ("train", "val"):
         if len(splits[split]) == 0:
             raise ConfigError(f"data.dataset: the {split!r} split of {spec.dataset!r} is empty")
-    return splits["train"], splits["val"]
+    train = splits["train"]
+    if spec.teacher_cache is not None:
+        try:
+            train = CachedTeacherDataset(train, spec.teacher_cache)
+        except (CacheError, OSError) as exc:
+            raise ConfigError(f"data.teacher_cache: {exc}") from None
+    return train, splits["val"]

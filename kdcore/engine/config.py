@@ -64,7 +64,10 @@ class DataSpec(_Section):
     optimizer step, whatever the number of processes and accumulation steps, so the same config
     trains the same way on one process or many. An epoch is ``len(train) // batch_size`` steps.
     ``ignore_index`` is the label of positions to skip (prompt and padding tokens): the loss is
-    normalized over, and the metrics count, only the other positions."""
+    normalized over, and the metrics count, only the other positions. ``teacher_cache`` is a
+    teacher-logit cache written over the train split (``kdcore cache-teacher``): each training
+    batch then carries its examples' cached top-k teacher (``batch.teacher``), for methods that
+    train without running a teacher (``cached_kd``)."""
 
     dataset: str
     options: dict[str, Any] = Field(default_factory=dict)
@@ -73,6 +76,7 @@ class DataSpec(_Section):
     num_workers: NonNegativeInt = 0
     shuffle: bool = True
     ignore_index: int = -100
+    teacher_cache: str | None = None
 
 
 class OptimizerSpec(_Section):

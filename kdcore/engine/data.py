@@ -14,16 +14,21 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+
+from kdcore.cache import CachedTeacherDataset
+from kdcore.sparse import SparseTeacher
 
 
 @dataclass
 class Batch:
-    """One collated batch: ``inputs`` (a tensor, or a mapping of keyword inputs) and ``labels``
-    (or None)."""
+    """One collated batch: ``inputs`` (a tensor, or a mapping of keyword inputs), ``labels`` (or
+    None) and, when the run trains from a teacher-logit cache (``data.teacher_cache``), the cached
+    ``teacher`` of these examples (a :class:`kdcore.SparseTeacher` aligned with the labels)."""
 
     inputs: Any
     labels: torch.Tensor | None = None
+    teacher: SparseTeacher | None = None
 
     @classmethod
     def from_collated(cls, collated: Any) -> Batch:
@@ -37,9 +42,16 @@ class Batch:
         return cls(collated)
 
     def to(self, device: torch.device) -> Batch:
-        move = (lambda x: x.to(device, non_blocking=True) if isinstance(x, torch.Tensor) else x)
+        return self._map(lambda x: x.to(device, non_blocking=True))
+
+    def pin_memory(self) -> Batch:
+        """Page-locked copies, for the DataLoader's ``pin_memory``."""
+        return self._map(lambda x: x.pin_memory())
+
+    def _map(self, fn) -> Batch:
+        move = (lambda x: fn(x) if isinstance(x, (torch.Tensor, SparseTeacher)) else x)
         inputs = {k: move(v) for k, v in self.inputs.items()} if isinstance(self.inputs, Mapping) else move(self.inputs)
-        return Batch(inputs, move(self.labels))
+        return Batch(inputs, move(self.labels), move(self.teacher))
 
     def num_examples(self) -> int:
         first = next(iter(self.inputs.values())) if isinstance(self.inputs, Mapping) else self.inputs
@@ -51,6 +63,22 @@ class Batch:
         if self.labels is None:
             return self.num_examples()
         return int((self.labels != ignore_index).sum())
+
+
+class Collate:
+    """A DataLoader's ``collate_fn`` giving :class:`Batch` objects; over a
+    :class:`kdcore.cache.CachedTeacherDataset`, each batch carries its cached teacher."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.cached = dataset if isinstance(dataset, CachedTeacherDataset) else None
+
+    def __call__(self, items: list) -> Batch:
+        if self.cached is None:
+            return Batch.from_collated(default_collate(items))
+        examples, teacher = self.cached.collate(items)
+        batch = Batch.from_collated(examples)
+        batch.teacher = teacher
+        return batch
 
 
 def call_model(model: torch.nn.Module, inputs: Any) -> torch.Tensor:
@@ -121,8 +149,9 @@ class EvalShard(Sampler[int]):
 
 def loader(dataset: Dataset, sampler: Sampler[int], batch_size: int, *, num_workers: int, seed: int,
            pin_memory: bool) -> DataLoader:
-    """A DataLoader over ``sampler`` whose worker seeds come from ``seed``, not the global RNG."""
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+    """A DataLoader of :class:`Batch` objects over ``sampler``, whose worker seeds come from
+    ``seed``, not the global RNG."""
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=Collate(dataset),
                       pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed))
 
 

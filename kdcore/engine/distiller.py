@@ -28,14 +28,13 @@ import pydantic
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import default_collate
 
 from kdcore import plugins
 from kdcore.engine import checkpoint, distributed
 from kdcore.engine.builders import build_model, build_splits, resolve
 from kdcore.engine.config import ConfigError, ModelSpec, RunConfig, check_names, parse_config
 from kdcore.engine.context import StageContext
-from kdcore.engine.data import Batch, EvalShard, TrainOrder, loader
+from kdcore.engine.data import Batch, Collate, EvalShard, TrainOrder, loader
 from kdcore.engine.method import Method, Outputs, Stage
 from kdcore.engine.metrics import Meter
 from kdcore.engine.optim import build_optimizer, build_scheduler
@@ -231,7 +230,7 @@ class _Stage:
         ctx = self.ctx = run.context = StageContext(run, stage, self.index, device, models)
         ctx.ignore_index = config.data.ignore_index
         run.student = student
-        ctx.example = Batch.from_collated(default_collate([self.train[i] for i in range(min(2, len(self.train)))]))
+        ctx.example = Collate(self.train)([self.train[i] for i in range(min(2, len(self.train)))])
         run.method.setup(ctx)
         trained = [models[role] for role in stage.trainable] + [ctx.modules[n] for n in sorted(ctx.trainable_modules)]
         self.parameters = _unique_parameters(trained)
@@ -281,7 +280,7 @@ class _Stage:
         started, seen = time.perf_counter(), 0
         with bar:
             for step in range(start_step, self.steps_per_epoch):
-                micro = [Batch.from_collated(next(batches)) for _ in range(config.training.grad_accum)]
+                micro = [next(batches) for _ in range(config.training.grad_accum)]
                 ctx.step = epoch * self.steps_per_epoch + step
                 losses = self._optimizer_step(micro)
                 seen += config.data.batch_size
@@ -299,9 +298,12 @@ class _Stage:
 
     def _optimizer_step(self, micro: list[Batch]) -> dict[str, float]:
         """Forward, backward and update for one optimizer step on its micro-batches (still on the
-        CPU, where counting their rows costs no device sync); returns the step's loss terms
-        (full-batch values, the same on every process)."""
+        CPU, where counting their rows costs no device sync, unless the method's ``prepare_batch``
+        made them on the device); returns the step's loss terms (full-batch values, the same on
+        every process)."""
         config, procs, ctx = self.config, self.procs, self.ctx
+        method = self.run.method
+        micro = [method.prepare_batch(batch, ctx) for batch in micro]
         kept = procs.sum(torch.tensor([float(sum(b.kept_rows(ctx.ignore_index) for b in micro))]))
         ctx.normalizer = max(float(kept[0]), 1.0) / procs.world_size
         ctx.example_normalizer = config.data.batch_size / procs.world_size
@@ -309,8 +311,8 @@ class _Stage:
         for position, batch in enumerate(micro):
             batch = batch.to(procs.device)
             with self._no_sync(position + 1 < len(micro)), _autocast(procs.device, config.training.precision):
-                outputs = ctx.run_models(batch, self.stage.trainable, training=True)
-                terms = _checked_terms(self.run.method, self.run.method.losses(batch, outputs, ctx))
+                outputs = method.run_models(batch, ctx, self.stage.trainable)
+                terms = _checked_terms(method, method.losses(batch, outputs, ctx))
                 self._check_weights(terms)
                 total = sum(self._weight(name) * value for name, value in terms.items())
             if not isinstance(total, torch.Tensor) or not total.requires_grad:
@@ -463,8 +465,8 @@ def _sweep(run: Distiller, ctx: StageContext, procs: distributed.Processes, val,
                      num_workers=config.data.num_workers, seed=config.seed, pin_memory=procs.device.type == "cuda")
     try:
         with torch.no_grad(), _autocast(procs.device, config.training.precision):
-            for collated in batches:
-                batch = Batch.from_collated(collated).to(procs.device)
+            for batch in batches:
+                batch = batch.to(procs.device)
                 score(batch, ctx.run_models(batch))
     finally:
         for name, mode in modes.items():

@@ -75,6 +75,21 @@ class Method:
         modules (``ctx.add_module``) or ask for intermediate features (``ctx.tap``). Default:
         nothing."""
 
+    def prepare_batch(self, batch: Any, ctx: Any) -> Any:
+        """Called on each training micro-batch (a :class:`kdcore.engine.data.Batch`, still on the
+        CPU) before the step's tokens are counted and the models run; returns the batch to train
+        on. Generation-based methods replace the targets here: sequence-level KD trains on the
+        teacher's continuations of the prompts, on-policy KD on the student's. Default: the batch
+        unchanged."""
+        return batch
+
+    def run_models(self, batch: Any, ctx: Any, trainable: tuple[str, ...]) -> Outputs:
+        """The models' outputs for one training micro-batch (on the device). Default:
+        ``ctx.run_models(batch, trainable, training=True)``, every model's logits. A method that
+        needs something else (last hidden states for a loss that never materializes the logits)
+        overrides it, calling trainable models through ``ctx.models`` so that DDP sees the calls."""
+        return ctx.run_models(batch, trainable, training=True)
+
     def losses(self, batch: Any, outputs: Outputs, ctx: Any) -> dict[str, torch.Tensor]:
         """The named loss terms of one micro-batch (``{"kd": ..., "ce": ...}``), normalized as the
         class docstring says; the engine weights and sums them."""

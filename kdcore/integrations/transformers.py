@@ -48,28 +48,36 @@ KD_OPTIONS = ("divergence", "temperature", "beta", "alpha", "t2_scale", "kd_weig
               "vocab_size", "backend")
 
 
-def _final_hidden_and_head(model, batch: Mapping[str, torch.Tensor]):
-    """(last hidden states after the final norm, LM head weight, bias) of a causal LM, without its
-    logits. Refuses models whose logits are not a plain linear map of those states."""
-    config = model.config
-    for attribute in ("final_logit_softcapping", "logit_scale"):
-        if getattr(config, attribute, None) not in (None, 1.0):
-            raise ValueError(f"causal_lm_kd_loss(fused=True): {type(model).__name__} transforms its logits "
-                             f"({attribute}={getattr(config, attribute)}), so they are not its LM head applied to "
-                             "the hidden states; use fused=False")
-    head = model.get_output_embeddings()
+def hidden_states_and_head(model, head_owner, inputs: Mapping[str, torch.Tensor]):
+    """(last hidden states after the final norm ``[B, L, D]``, LM head weight, bias) of a causal LM
+    on ``inputs``, without its ``[B, L, V]`` logits: ``model`` (the model, or its DDP wrapper) runs
+    with ``output_hidden_states=True`` and ``logits_to_keep=1``, and ``head_owner`` (the unwrapped
+    model) gives the head. The one position of logits the model still returns must equal the head
+    applied to the last hidden state, which refuses models that transform their logits (soft
+    capping, scaling) and so cannot be fused."""
+    head = head_owner.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear):
-        raise ValueError(f"causal_lm_kd_loss(fused=True): {type(model).__name__}'s output embeddings are "
+        raise ValueError(f"fused distillation: {type(head_owner).__name__}'s output embeddings are "
                          f"{type(head).__name__}, not a Linear LM head; use fused=False")
-    base = model.base_model
-    inputs = {key: batch[key] for key in ("input_ids", "attention_mask") if batch.get(key) is not None}
-    hidden = base(**inputs).last_hidden_state
+    out = model(**inputs, output_hidden_states=True, logits_to_keep=1)
+    hidden = out.hidden_states[-1]
+    with torch.no_grad():
+        expected = out.logits[:, -1].float()
+        if not torch.allclose(head(hidden[:, -1]).float(), expected, rtol=1e-3,
+                              atol=1e-3 * float(expected.abs().max().clamp_min(1))):
+            raise ValueError(f"fused distillation: {type(head_owner).__name__}'s logits are not its LM head applied to "
+                             "its last hidden states (soft capping or scaling?), so they cannot be fused; use "
+                             "fused=False")
     return hidden, head.weight, head.bias
 
 
+def model_inputs(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The keyword inputs of a causal LM in a Hugging Face batch."""
+    return {key: batch[key] for key in ("input_ids", "attention_mask") if batch.get(key) is not None}
+
+
 def _logits(model, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    inputs = {key: batch[key] for key in ("input_ids", "attention_mask") if batch.get(key) is not None}
-    return model(**inputs).logits
+    return model(**model_inputs(batch)).logits
 
 
 def next_token_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -109,11 +117,11 @@ def causal_lm_kd_loss(student, teacher, batch: Mapping[str, torch.Tensor], *, fu
             raise ValueError(f"causal_lm_kd_loss: the sparse teacher must have one row per predicting position, "
                              f"shape {expected} + (k,), got {tuple(teacher.indices.shape)}")
     if fused:
-        hidden, weight, bias = _final_hidden_and_head(student, batch)
+        hidden, weight, bias = hidden_states_and_head(student, student, model_inputs(batch))
         if sparse:
             return kdcore.fused_linear_kd_loss(hidden[:, :-1], weight, student_bias=bias, teacher=teacher, **common)
         with torch.no_grad():
-            t_hidden, t_weight, t_bias = _final_hidden_and_head(teacher, batch)
+            t_hidden, t_weight, t_bias = hidden_states_and_head(teacher, teacher, model_inputs(batch))
         return kdcore.fused_linear_kd_loss(hidden[:, :-1], weight, t_hidden[:, :-1], t_weight.detach(),
                                            student_bias=bias, teacher_bias=None if t_bias is None else t_bias.detach(),
                                            **common)
