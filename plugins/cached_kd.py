@@ -19,7 +19,7 @@ cache's), ``beta``, ``alpha``, ``kd_weight`` (1.0), ``ce_weight`` (0.0), ``vocab
 from __future__ import annotations
 
 import kdcore
-from kdcore.cache import TeacherCache
+from kdcore.cache import CacheError, TeacherCache
 from kdcore.engine.method import options_of
 from kdcore.functional import loss_options
 
@@ -41,7 +41,10 @@ class CachedKD(kdcore.Method):
         if config.data.teacher_cache is None:
             raise ValueError("cached_kd trains from a teacher-logit cache: set data.teacher_cache to the directory "
                              "`kdcore cache-teacher` wrote")
-        temperature = TeacherCache(config.data.teacher_cache).spec.temperature
+        try:
+            temperature = TeacherCache(config.data.teacher_cache).spec.temperature
+        except (CacheError, OSError) as exc:
+            raise ValueError(f"cached_kd: data.teacher_cache: {exc}") from None
         if self.options["temperature"] is not None and self.options["temperature"] != temperature:
             raise ValueError(f"cached_kd: temperature {self.options['temperature']} differs from the cache's "
                              f"{temperature} (its log-probabilities were taken at that temperature)")

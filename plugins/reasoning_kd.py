@@ -115,8 +115,8 @@ class ReasoningKD(kdcore.Method):
         terms = {"rationale": ctx.per_row(per_token.masked_fill(answer, 0).sum()),
                  "answer": ctx.per_row(per_token.masked_fill(~answer, 0).sum())}
         if "kd" in self.default_weights:
-            terms["kd"] = kdcore.kd_loss(logits, outputs.teachers[0], labels=batch.labels, ignore_index=ctx.ignore_index,
-                                         normalizer=ctx.normalizer, **self.kd_options)
+            terms["kd"] = kdcore.kd_loss(logits, outputs.teachers[0], labels=batch.labels,
+                                         ignore_index=ctx.ignore_index, normalizer=ctx.normalizer, **self.kd_options)
         return terms
 
 

@@ -47,7 +47,8 @@ class SequenceKD(kdcore.Method):
 
     def setup(self, ctx):
         if "teacher0" not in ctx.models:
-            raise ValueError("seq_kd needs a teacher to generate the targets: list one under teachers in the run config")
+            raise ValueError("seq_kd needs a teacher to generate the targets: list one under teachers in the run "
+                             "config")
 
     def prepare_batch(self, batch, ctx):
         return continue_prompts(ctx.raw("teacher0"), batch, ctx.ignore_index, self.generation, method=self.name)

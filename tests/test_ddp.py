@@ -35,8 +35,8 @@ def hf_config(tmp_path):
     """Fused logit distillation between Hugging Face GPT-2s (the teacher freshly initialized from
     the run's seed) on the shipped text."""
     teacher = {**gpt2_spec(layers=2), "pretrained": True}
-    return text_config(tmp_path / "ddp", method={"name": "llm_kd", "fused": True, "divergence": "jsd", "ce_weight": 0.5},
-                       teachers=[teacher], max_bytes=1600, training={"epochs": 1, "grad_accum": 2, "log_every": 4})
+    method = {"name": "llm_kd", "fused": True, "divergence": "jsd", "ce_weight": 0.5}
+    return text_config(tmp_path / "ddp", method=method, teachers=[teacher], max_bytes=1600, training={"epochs": 1, "grad_accum": 2, "log_every": 4})
 
 
 @pytest.mark.parametrize("method", ["response_kd", "engine_helpers:Probe", "llm_kd"])

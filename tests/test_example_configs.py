@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 import kdcore
 
 CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
@@ -25,3 +27,13 @@ def test_language_model_teacher_then_student(tmp_path):
     metrics = kdcore.Distiller(CONFIGS / "lm_response_kd.yaml", overrides=[
         *small, f"output_dir={tmp_path / 'kd'}", f"teachers.0.checkpoint={tmp_path / 'teacher' / 'student.pt'}"]).fit()
     assert {"token_accuracy", "perplexity", "teacher_agreement", "kl_to_teacher"} <= set(metrics)
+
+
+def test_shakespeare_teacher_then_logit_distillation(tmp_path):
+    pytest.importorskip("transformers")
+    small = ["training.epochs=1", "data.options.max_bytes=4000", "data.options.seq_len=32",
+             "scheduler.warmup_steps=0"]
+    kdcore.Distiller(CONFIGS / "shakespeare_teacher.yaml", overrides=[*small, f"output_dir={tmp_path / 'teacher'}"]).fit()
+    metrics = kdcore.Distiller(CONFIGS / "shakespeare_kd.yaml", overrides=[
+        *small, f"output_dir={tmp_path / 'kd'}", f"teachers.0.checkpoint={tmp_path / 'teacher' / 'student.pt'}"]).fit()
+    assert {"token_accuracy", "perplexity", "teacher_agreement", "kl_to_teacher", "teacher_perplexity"} <= set(metrics)

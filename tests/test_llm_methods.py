@@ -68,7 +68,8 @@ def test_continuations_follow_the_unpadded_prompts_and_only_they_are_labelled():
 
 def test_sampled_continuations_restore_training_mode_and_need_generate():
     model = gpt2().train()
-    out = continue_prompts(model, prompted_batch(), -100, GenerationOptions(max_new_tokens=4, do_sample=True), method="t")
+    sampling = GenerationOptions(max_new_tokens=4, do_sample=True)
+    out = continue_prompts(model, prompted_batch(), -100, sampling, method="t")
     assert model.training and out.labels.ne(-100).sum() == 3 * 4
     with pytest.raises(TypeError, match="t: Linear has no generate"):
         continue_prompts(torch.nn.Linear(2, 2), prompted_batch(), -100, GenerationOptions(), method="t")
@@ -140,9 +141,10 @@ def test_generation_methods_train_end_to_end(tmp_path, lm_teacher, method, learn
 
 def test_fused_logit_distillation_trains_like_the_materialized_one(tmp_path, lm_teacher):
     method = {"name": "llm_kd", "divergence": "jsd", "beta": 0.3, "temperature": 2.0, "ce_weight": 0.5}
-    plain = kdcore.Distiller(text_config(tmp_path / "plain", method=method, teachers=[lm_teacher])).fit()
-    fused = kdcore.Distiller(text_config(tmp_path / "fused", method={**method, "fused": True},
-                                         teachers=[lm_teacher])).fit()
+    plain = kdcore.Distiller(text_config(tmp_path / "plain", method=method, teachers=[lm_teacher],
+                                         max_bytes=1600)).fit()
+    fused = kdcore.Distiller(text_config(tmp_path / "fused", method={**method, "fused": True}, teachers=[lm_teacher],
+                                         max_bytes=1600)).fit()
     assert fused.keys() == plain.keys()
     for key in plain:
         assert fused[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-5), key
@@ -153,7 +155,7 @@ def test_training_from_a_teacher_cache_matches_the_teacher(tmp_path, lm_teacher,
     llm_kd with the teacher running, to float16 precision."""
     import yaml
 
-    config = text_config(tmp_path / "live", method={"name": "llm_kd"}, teachers=[lm_teacher])
+    config = text_config(tmp_path / "live", method={"name": "llm_kd"}, teachers=[lm_teacher], max_bytes=1600)
     live = kdcore.Distiller(config).fit()
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump({**config, "data": {**config["data"], "teacher_cache": str(tmp_path / "cache")},

@@ -151,8 +151,9 @@ def loader(dataset: Dataset, sampler: Sampler[int], batch_size: int, *, num_work
            pin_memory: bool) -> DataLoader:
     """A DataLoader of :class:`Batch` objects over ``sampler``, whose worker seeds come from
     ``seed``, not the global RNG."""
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=Collate(dataset),
-                      pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed))
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      collate_fn=Collate(dataset), pin_memory=pin_memory,
+                      generator=torch.Generator().manual_seed(seed))
 
 
 def _mix(seed: int, epoch: int) -> int:
