@@ -1,1 +1,3 @@
-"""Bridges to other libraries, each behind its optional extra (``kdcore.integrations.transformers``)."""
+"""Bridges to other libraries: ``kdcore.integrations.transformers`` (behind the optional
+``transformers`` extra) and ``kdcore.integrations.generation`` (prompts continued by a model's
+``generate``, for the generation-based methods; it imports no optional package itself)."""
