@@ -25,8 +25,9 @@ Datasets (each returns seeded, reproducible ``train`` / ``val`` splits):
 * ``synthetic_tokens``: sequences from a random sparse Markov chain (each token has a few likely
   successors); items are ``{"input_ids", "labels"}`` with the labels shifted by one and the
   padding after each sequence's random length labelled ``-100``.
-* ``text``: byte-level language modelling (256 tokens, one per byte) on a text file, by default
-  the Shakespeare shipped in ``kdcore_plugins/data``. The last ``val_fraction`` of the text is held
+* ``text``: byte-level language modelling (256 tokens, one per byte) on the text file at ``path``,
+  by default the Shakespeare shipped in ``kdcore_plugins/data`` (``max_bytes`` keeps only the
+  beginning). The last ``val_fraction`` of the text is held
   out; both parts are cut into windows of ``seq_len + 1`` bytes (``stride`` apart, default
   ``seq_len``), items ``{"input_ids", "labels"}`` with the labels shifted by one. With
   ``prompt_len`` P, each window's first P bytes are a prompt: the labels of the P - 1 positions
