@@ -35,6 +35,8 @@ TORCH_LIBRARY(kdcore, m) {
   m.def("kd_loss_cuda_inplace" KDCORE_KD_LOSS_INPLACE_SIGNATURE);
   m.def("sparse_row_stats_cuda" KDCORE_SPARSE_ROW_STATS_SIGNATURE);
   m.def("sparse_fill_cuda" KDCORE_SPARSE_FILL_SIGNATURE);
+  // grad *= factor unless factor == 1, decided on the device (kd_loss's backward, no host sync)
+  m.def("scale_grad_unless_one_cuda(Tensor(a!) grad, Tensor factor) -> ()");
 #endif
 }
 

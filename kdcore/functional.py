@@ -121,10 +121,14 @@ def row_arguments(fn: str, rows: torch.Tensor, leading: torch.Size, labels, mask
             if normalizer.numel() != 1:
                 raise ValueError(f"{fn}: normalizer must be a number or a one-element tensor, got shape "
                                  f"{tuple(normalizer.shape)}")
-            normalizer = normalizer.reshape(()).to(device=rows.device, dtype=loss_dtype(rows))
-        else:
-            normalizer = torch.tensor(_checks.positive(fn, "normalizer", normalizer), dtype=loss_dtype(rows),
-                                      device=rows.device)
+            if normalizer.device != rows.device and normalizer.device.type == "cpu":
+                normalizer = normalizer.item()  # a host value: no blocking host-to-device copy below
+            else:
+                normalizer = normalizer.reshape(()).to(device=rows.device, dtype=loss_dtype(rows))
+        if not isinstance(normalizer, torch.Tensor):
+            # filled on the device (a kernel launch, which a CUDA graph can capture), not copied there
+            normalizer = torch.full((), _checks.positive(fn, "normalizer", normalizer), dtype=loss_dtype(rows),
+                                    device=rows.device)
     return labels, mask, normalizer
 
 

@@ -31,7 +31,22 @@ def _kl(p, log_p, log_r):
 def divergence_rows(divergence, s, t, temperature, beta, alpha):
     log_q = F.log_softmax(s / temperature, dim=-1)
     log_p = F.log_softmax(t / temperature, dim=-1)
-    q, p = log_q.exp(), log_p.exp()
+    return divergence_of(divergence, log_q.exp(), log_p.exp(), log_q, log_p, beta, alpha)
+
+
+def free_derivatives(divergence, q, p, beta, alpha):
+    """(dd/dq, dd/dp) of each row's divergence with the probabilities q and p as free variables
+    (float64; 0 where the probability is 0)."""
+    q = q.detach().double().requires_grad_(True)
+    p = p.detach().double().requires_grad_(True)
+    rows = divergence_of(divergence, q, p, _safe_log(q), _safe_log(p), beta, alpha)
+    gq, gp = torch.autograd.grad(rows.sum(), (q, p), allow_unused=True)
+    zeros = torch.zeros_like(q)
+    return tuple(torch.where(x > 0, g, zeros).nan_to_num() if g is not None else zeros for x, g in ((q, gq), (p, gp)))
+
+
+def divergence_of(divergence, q, p, log_q, log_p, beta, alpha):
+    """Each row's divergence from its probabilities and their logs."""
     if divergence == "forward_kl":
         return _kl(p, log_p, log_q)
     if divergence == "reverse_kl":

@@ -34,6 +34,23 @@ def test_nan_or_posinf_logit_poisons_only_its_row(backend, divergence, poison, w
 
 @backends
 @divergences
+@pytest.mark.parametrize("where", ["student", "teacher"])
+@pytest.mark.parametrize("vocab", [40, 1500])
+def test_all_nan_row_is_a_nan_row(backend, divergence, where, vocab):
+    """An entirely NaN row is NaN like any row with a NaN, not an entirely -inf row (a maximum that
+    skips NaN finds no finite logit in it)."""
+    s, t = torch.randn(3, vocab), torch.randn(3, vocab)
+    (s if where == "student" else t)[1] = torch.nan
+    s.requires_grad_(True)
+    rows = kdcore.kd_loss(s, t, divergence=divergence, labels=torch.tensor([1, 2, 3]), ce_weight=0.5,
+                          reduction="none", backend=backend)
+    rows.sum().backward()
+    assert torch.isnan(rows[1]) and torch.isfinite(rows[[0, 2]]).all()
+    assert torch.isnan(s.grad[1]).all() and torch.isfinite(s.grad[[0, 2]]).all()
+
+
+@backends
+@divergences
 @pytest.mark.parametrize("side", ["student", "teacher"])
 def test_all_neg_inf_kept_row_raises(backend, divergence, side):
     s, t = torch.randn(3, 40), torch.randn(3, 40)
@@ -163,3 +180,15 @@ def test_kdloss_module_matches_functional(backend):
                               labels=labels, backend=backend)
     torch.testing.assert_close(module(s, t, labels=labels), expected)
     assert "skew_kl" in repr(module)
+
+
+@backends
+def test_cross_entropy_of_huge_logits(backend):
+    """Student logits near 1e6 (a float32 ulp of 0.06 there): the CE row loss max - z_label + log sum
+    keeps its few units only if the logits' magnitude cancels before the log-sum is added."""
+    s = torch.randn(4, 300) + 1.0e6
+    t = torch.randn(4, 300)
+    options = dict(labels=torch.tensor([0, 7, 299, 42]), ce_weight=1.0, temperature=2.0, reduction="none")
+    rows = kdcore.kd_loss(s, t, backend=backend, **options)
+    expected = oracle_loss(s.double(), t.double(), **options)
+    torch.testing.assert_close(rows.double(), expected, rtol=1e-5, atol=1e-5)

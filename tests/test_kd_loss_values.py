@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import kdcore
-from cases import ALL_DIVERGENCES, CASES, DTYPE_CASES, check_backend_on_case
+from cases import ALL_DIVERGENCES, CASES, DTYPE_CASES, assert_within_rule, check_backend_on_case
+from oracle import oracle_with_grads
 from conftest import device_backends
 
 
@@ -33,13 +34,30 @@ def test_float64_matches_float64_oracle(backend, divergence, case):
     check_backend_on_case(kdcore.kd_loss, backend, case, divergence, torch.float64)
 
 
+MIXED_PAIRS = [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16), (torch.float16, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("teacher_grad", [False, True], ids=["student_grad", "both_grads"])
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize(("student_dtype", "teacher_dtype"), MIXED_PAIRS, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("backend", device_backends())
-def test_mixed_dtypes_bf16_student_fp32_teacher(backend):
-    student32, teacher32, _ = CASES[0].make()
-    s = student32.to(torch.bfloat16).requires_grad_(True)
-    t = teacher32.requires_grad_(True)
-    loss = kdcore.kd_loss(s, t, divergence="jsd", temperature=2.0, backend=backend)
+def test_mixed_dtypes_read_as_they_are(backend, student_dtype, teacher_dtype, divergence, teacher_grad):
+    """Student and teacher of different dtypes (rows of 1025 columns: not 16-byte aligned in 16-bit
+    types) against the float64 oracle on the same values, by the rule of the shared cases with
+    float32 as the computation's precision and each gradient rounded to its input's dtype."""
+    student32, teacher32, options = CASES[2].make()  # rows_none: [4, 1025], T = 0.7
+    options = {**options, "reduction": "batchmean", "divergence": divergence}
+    s = student32.to(student_dtype).requires_grad_(True)
+    t = teacher32.to(teacher_dtype).requires_grad_(teacher_grad)
+    loss = kdcore.kd_loss(s, t, backend=backend, **options)
     loss.backward()
-    expected = kdcore.kd_loss(s.detach().float(), t.detach(), divergence="jsd", temperature=2.0, backend="reference")
-    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
-    assert s.grad.dtype == torch.bfloat16 and t.grad.dtype == torch.float32
+    exact, exact_gs, exact_gt = oracle_with_grads(s, t, **options)
+    own, own_gs, own_gt = oracle_with_grads(s, t, compute_dtype=torch.float32, **options)
+    assert_within_rule("loss", loss, exact, own, torch.float32)
+    assert s.grad.dtype == student_dtype
+    assert_within_rule("student gradient", s.grad, exact_gs, own_gs, student_dtype)
+    if teacher_grad:
+        assert t.grad.dtype == teacher_dtype
+        assert_within_rule("teacher gradient", t.grad, exact_gt, own_gt, teacher_dtype)
+    else:
+        assert t.grad is None

@@ -374,3 +374,130 @@ def test_torch_compile_matches_eager(backend):
     (grad_compiled,) = torch.autograd.grad(compiled, s)
     torch.testing.assert_close(compiled, eager)
     torch.testing.assert_close(grad_compiled, grad_eager)
+
+
+class _DeviceReads:
+    """Counts kdcore.ops.status' device-to-host reads and can pretend a CUDA graph is captured."""
+
+    def __init__(self, monkeypatch, capturing: bool):
+        from kdcore.ops import status
+
+        self.count = 0
+        real_read = status._to_host
+
+        def counted(values):
+            self.count += 1
+            return real_read(values)
+
+        monkeypatch.setattr(status, "_to_host", counted)
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing)
+        if TEST_DEVICE == "cpu":  # CPU tensors never ask CUDA: pretend they are captured too
+            monkeypatch.setattr(status, "stream_is_capturing", lambda device: capturing)
+
+
+def _sync_case():
+    s, t = torch.randn(4, 60), torch.randn(4, 60)
+    indices, logprobs = top_k(t, 6)
+    labels = torch.tensor([3, 7, -100, 11])
+    return s, indices, logprobs, labels
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
+def test_one_device_read_per_call(backend, mode, monkeypatch):
+    s, indices, logprobs, labels = (x.to(TEST_DEVICE) for x in _sync_case())
+    reads = _DeviceReads(monkeypatch, capturing=False)
+    s.requires_grad_(True)
+    loss = kdcore.kd_loss(s, kdcore.SparseTeacher(indices, logprobs), labels=labels, ce_weight=0.5,
+                          sparse_mode=mode, backend=backend)
+    loss.backward()
+    assert reads.count == 1
+    assert loss.isfinite() and s.grad.isfinite().all()
+
+
+@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
+def test_forward_converts_one_tensor_to_python(backend, monkeypatch):
+    """Not only check_status' read: no other tensor of the forward becomes a Python value."""
+    s, indices, logprobs, labels = (x.to(TEST_DEVICE) for x in _sync_case())
+    teacher = kdcore.SparseTeacher(indices, logprobs)
+    kdcore.kd_loss(s, teacher, labels=labels, ce_weight=0.5, backend=backend)  # any lazy setup first
+    conversions = []
+    for name in ("__bool__", "__int__", "__float__", "__index__", "item", "tolist"):
+        def counted(self, *args, _real=getattr(torch.Tensor, name), _name=name, **kwargs):
+            conversions.append(_name)
+            return _real(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    loss = kdcore.kd_loss(s, teacher, labels=labels, ce_weight=0.5, backend=backend)
+    assert conversions == ["tolist"]
+    assert loss.isfinite()
+
+
+@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
+def test_cuda_capture_is_asked_only_for_cuda_tensors(backend, monkeypatch):
+    if TEST_DEVICE != "cpu":
+        pytest.skip("the student is on CUDA")
+
+    def must_not_be_called():
+        raise AssertionError("torch.cuda.is_current_stream_capturing called for CPU tensors")
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", must_not_be_called)
+    s, indices, logprobs, labels = _sync_case()
+    assert kdcore.kd_loss(s, kdcore.SparseTeacher(indices, logprobs), labels=labels, backend=backend).isfinite()
+
+
+def _corrupt_row_1(indices, logprobs, labels, what):
+    """The sync case with row 1 broken in one way."""
+    indices, logprobs, labels = indices.clone(), logprobs.clone(), labels.clone()
+    if what == "duplicate":
+        indices[1, 1] = indices[1, 0]
+    elif what == "out_of_range":
+        indices[1, 0] = 60
+    elif what == "label":
+        labels[1] = 60
+    elif what == "logits_not_logprobs":
+        logprobs[1] += 5.0
+    return indices, logprobs, labels
+
+
+CORRUPTIONS = ("duplicate", "out_of_range", "label", "logits_not_logprobs")
+
+
+@pytest.mark.parametrize("what", CORRUPTIONS)
+@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
+def test_captured_call_reads_nothing_and_gives_nan_rows(backend, what, monkeypatch):
+    s, indices, logprobs, labels = (x.to(TEST_DEVICE) for x in _sync_case())
+    indices, logprobs, labels = _corrupt_row_1(indices, logprobs, labels, what)
+    reads = _DeviceReads(monkeypatch, capturing=True)
+    s.requires_grad_(True)
+    loss = kdcore.kd_loss(s, kdcore.SparseTeacher(indices, logprobs), labels=labels, ce_weight=0.5,
+                          reduction="none", backend=backend)
+    loss.sum().backward()
+    assert reads.count == 0
+    assert loss[1].isnan() and loss[[0, 3]].isfinite().all() and loss[2] == 0
+    assert s.grad[1].isnan().all() and s.grad[[0, 3]].isfinite().all() and (s.grad[2] == 0).all()
+
+
+@pytest.mark.parametrize("what", CORRUPTIONS)
+@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
+def test_uncaptured_call_raises_for_the_failing_row(backend, what, monkeypatch):
+    s, indices, logprobs, labels = (x.to(TEST_DEVICE) for x in _sync_case())
+    indices, logprobs, labels = _corrupt_row_1(indices, logprobs, labels, what)
+    reads = _DeviceReads(monkeypatch, capturing=False)
+    with pytest.raises(ValueError, match=r"row 1 |labels\[1\] = 60"):
+        kdcore.kd_loss(s, kdcore.SparseTeacher(indices, logprobs), labels=labels, ce_weight=0.5, backend=backend)
+    assert reads.count == 1
+
+
+@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
+def test_a_rows_first_failed_check_is_reported(backend):
+    """A row with a repeated index and a too-large mass reports the index; the first failing row wins."""
+    s, indices, logprobs, labels = _sync_case()
+    indices, logprobs = indices.clone(), logprobs.clone()
+    indices[3, 1] = indices[3, 0]
+    logprobs[3] += 5.0
+    labels[0] = 60
+    with pytest.raises(ValueError, match=r"labels\[0\] = 60"):
+        kdcore.kd_loss(s, kdcore.SparseTeacher(indices, logprobs), labels=labels, ce_weight=0.5, backend=backend)
+    labels[0] = 3
+    with pytest.raises(ValueError, match="row 3 .* lists a vocabulary index twice"):
+        kdcore.kd_loss(s, kdcore.SparseTeacher(indices, logprobs), labels=labels, ce_weight=0.5, backend=backend)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CUDA_OPS = ("kdcore::kd_loss_cuda", "kdcore::kd_loss_cuda_inplace", "kdcore::sparse_row_stats_cuda",
-            "kdcore::sparse_fill_cuda")
+            "kdcore::sparse_fill_cuda", "kdcore::scale_grad_unless_one_cuda")
 
 _CHECK_REGISTRATION = """
 import sys, torch
@@ -44,6 +44,16 @@ def _nvidia_wheel_include_dirs() -> list[Path]:
     return sorted(p for root in spec.submodule_search_locations for p in Path(root).glob("*/include") if p.is_dir())
 
 
+def _cuda_home() -> dict[str, str]:
+    """CUDA_HOME for torch's build helpers when the environment does not set it: torch guesses it
+    from the nvcc on PATH, which on some machines is a wrapper outside the toolkit, and then
+    cannot find the toolkit's libraries to link against."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return {}
+    default = Path("/usr/local/cuda")
+    return {"CUDA_HOME": str(default.resolve())} if (default / "bin" / "nvcc").exists() else {}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="9.0", help="TORCH_CUDA_ARCH_LIST value (default 9.0, the H100)")
@@ -55,7 +65,7 @@ def main() -> int:
         print(f"check_cuda_build: torch {torch.__version__} is a CPU build; run this with a CUDA build of torch",
               file=sys.stderr)
         return 2
-    env = {**os.environ, "KDCORE_WITH_CUDA": "1", "KDCORE_CPU_ISAS": "default", "TORCH_CUDA_ARCH_LIST": args.arch,
+    env = {**os.environ, **_cuda_home(), "KDCORE_WITH_CUDA": "1", "KDCORE_CPU_ISAS": "default", "TORCH_CUDA_ARCH_LIST": args.arch,
            "MAX_JOBS": os.environ.get("MAX_JOBS", "2")}
     # A toolkit installed as compiler + runtime only takes the library headers torch includes
     # (cuSPARSE, cuBLAS, ...) from the nvidia-* wheels that came with the CUDA build of torch.

@@ -255,6 +255,7 @@ class _Stage:
                 hook.kdcore_epoch_end(run=run, stage=stage, epoch=epoch)
         finally:
             ctx.close()
+            self._unwrap_ddp(ctx)
         self._finish()
         hook.kdcore_stage_end(run=run, stage=stage)
 
@@ -396,6 +397,17 @@ class _Stage:
                                                   find_unused_parameters=self.config.training.find_unused_parameters)
                 table[name] = wrapped
                 self._ddp.append(wrapped)
+
+    def _unwrap_ddp(self, ctx: StageContext) -> None:
+        """Puts the raw modules back where the stage's DDP wrappers stood and drops the wrappers.
+        A wrapper still alive when the process group is destroyed tears down its reducer against a
+        dead group, which aborts the process (``terminate called without an active exception``)
+        after an otherwise successful run."""
+        for table, prefix in ((ctx.models, ""), (ctx.modules, "module:")):
+            for name, module in list(table.items()):
+                if isinstance(module, DistributedDataParallel):
+                    table[name] = ctx.raw(prefix + name)
+        self._ddp.clear()
 
     def _state(self, epoch: int, step: int) -> dict[str, Any]:
         ctx = self.ctx

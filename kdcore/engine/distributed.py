@@ -6,6 +6,7 @@ with nccl on CUDA and gloo on CPU; each process uses the GPU of its ``LOCAL_RANK
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -50,7 +51,11 @@ class Processes:
             dist.barrier()
 
     def close(self) -> None:
+        """Destroys the process group this run created. The run has released its DDP wrappers;
+        collecting garbage first makes sure none lingers in a reference cycle, since a wrapper
+        torn down after its group aborts the process."""
         if self.owns_group and dist.is_initialized():
+            gc.collect()
             dist.destroy_process_group()
 
 

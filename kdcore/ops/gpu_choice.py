@@ -1,8 +1,8 @@
 """Which kdcore backend ``backend="auto"`` uses on CUDA tensors, by measurement.
 
 Both GPU backends implement the same contract; which one is faster depends on the dtype, the
-divergence and the vocabulary size (the Triton kernel holds rows up to 32 768 columns in
-registers; the CUDA kernel splits longer rows over a thread-block cluster). ``MEASURED`` maps
+divergence and the vocabulary size (the Triton kernel holds rows up to 4 096 columns in registers
+and sweeps longer ones in tiles; the CUDA kernel splits a row over a thread-block cluster). ``MEASURED`` maps
 ``(dtype, divergence, vocabulary bucket)`` to the backend that won ``python -m benchmarks.kd_loss
 --divergences all`` on the GPU named in ``MEASURED_ON``; a problem it does not cover falls back to
 the backend priorities (``cuda`` before ``triton``).

@@ -120,11 +120,42 @@ def _is_eager(t: torch.Tensor) -> bool:
 
 
 def _scaled(grad: torch.Tensor, upstream: torch.Tensor, rowwise: bool, in_place: bool) -> torch.Tensor:
-    """grad * upstream (0-dim, or [N] for reduction='none')."""
-    if in_place and not rowwise and upstream.device.type == "cpu" and upstream.item() == 1.0:
-        return grad
+    """grad * upstream (0-dim, or [N] for reduction='none').
+
+    In place with a scalar upstream gradient -- the usual ``loss.backward()`` -- a factor of
+    exactly 1 leaves the gradient untouched: checked on the host for CPU tensors, and on the
+    device for CUDA tensors (no synchronization, and no pass over the gradient when it is 1)."""
+    if in_place and not rowwise:
+        if upstream.device.type == "cpu":
+            if upstream.item() == 1.0:
+                return grad
+        elif _scale_unless_one_on_device(grad, upstream):
+            return grad
     factor = upstream.unsqueeze(1) if rowwise else upstream
     return grad.mul_(factor) if in_place else grad * factor
+
+
+_SCALE_ON_DEVICE = "kdcore::scale_grad_unless_one_cuda"
+
+
+def _has_cuda_kernel(qualname: str) -> bool:
+    """Whether the op exists (kdcore built with CUDA) and has a CUDA kernel."""
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "CUDA")
+    except RuntimeError:  # no such operator
+        return False
+
+
+def _scale_unless_one_on_device(grad: torch.Tensor, upstream: torch.Tensor) -> bool:
+    """grad *= upstream unless upstream == 1, decided by a CUDA kernel; False (and nothing done)
+    where kdcore was built without CUDA kernels or the tensors do not suit it."""
+    if not (grad.is_cuda and grad.is_contiguous() and upstream.numel() == 1
+            and upstream.dtype in (torch.float32, torch.float64) and upstream.device == grad.device):
+        return False
+    if not _has_cuda_kernel(_SCALE_ON_DEVICE):
+        return False
+    torch.ops.kdcore.scale_grad_unless_one_cuda(grad, upstream)
+    return True
 
 
 def _backward(ctx, grad_loss, _grad_of_grad_student, _grad_of_grad_teacher):

@@ -24,7 +24,9 @@ between is ``[N, k]``-sized and is written here once, in float64, for every back
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
@@ -42,6 +44,7 @@ from kdcore.ops.kd_loss import (
     reduction_divisor,
 )
 from kdcore.ops.reference import guarded_mul, element_terms
+from kdcore.ops.status import check_status
 
 _FORWARD_KL = DIVERGENCES["forward_kl"].code
 SPARSE_MODES = {"tail": 0, "renorm": 1}
@@ -87,56 +90,90 @@ class RowKernels:
 
 
 def inverse_temperature(temperature: float, acc: torch.dtype) -> float:
-    """1/T rounded to the accumulation type (exactly representable there)."""
-    return float(torch.tensor(1.0 / temperature, dtype=acc))
+    """1/T rounded to the accumulation type (exactly representable there), on the host."""
+    inv = 1.0 / temperature
+    return inv if acc == torch.float64 else struct.unpack("f", struct.pack("f", inv))[0]
 
 
 def sparse_rows_error(row: int, what: str) -> ValueError:
     return ValueError(f"kd_loss: row {row} of the sparse teacher {what}")
 
 
+# What can be wrong with a kept row, as the codes of its int8 status (0: fine). A row reports its
+# smallest code; a call reports its first failing row (kdcore.ops.status.check_status).
+(INDEX_OUT_OF_RANGE, INDEX_REPEATED, LOGPROB_POS_INF, PROBABILITY_OVER_ONE, LABEL_OUT_OF_RANGE,
+ STUDENT_ALL_NEG_INF, STUDENT_NO_TOP_K_MASS, TEACHER_NO_TOP_K_MASS) = range(1, 9)
+
+
+def _flag(status: torch.Tensor, failed: torch.Tensor, code: int) -> torch.Tensor:
+    """``status`` with ``code`` on the rows where ``failed`` and no earlier check failed."""
+    return torch.where((status == 0) & failed, code, status)
+
+
+@dataclass(frozen=True)
+class _RowFacts:
+    """What the error messages quote, read only once a row has failed."""
+
+    indices: torch.Tensor  # the teacher's indices as given, sorted per row
+    vocab: int
+    mass: torch.Tensor | None  # tail mode: each row's top-k probability sum
+    labels: torch.Tensor | None
+
+
+def _raise_row(facts: _RowFacts, row: int, code: int):
+    """Raises the error of a failed row: what is wrong, and what the argument should be."""
+    v = facts.vocab
+    if code == INDEX_OUT_OF_RANGE:
+        ids = facts.indices[row]
+        bad = ids[(ids < 0) | (ids >= v)][0]
+        raise sparse_rows_error(row, f"has index {int(bad)}, outside the student's vocabulary [0, {v})")
+    if code == INDEX_REPEATED:
+        raise sparse_rows_error(row, "lists a vocabulary index twice; each row's top-k indices must be distinct")
+    if code == LOGPROB_POS_INF:
+        raise sparse_rows_error(row, "has a log-probability of +inf")
+    if code == PROBABILITY_OVER_ONE:
+        raise sparse_rows_error(row, f"has probabilities summing to {float(facts.mass[row]):.4g} > 1; logprobs must "
+                                "be log-probabilities (log_softmax of the teacher's logits), not logits")
+    if code == LABEL_OUT_OF_RANGE:
+        raise label_out_of_range_error(row, int(facts.labels[row]), v)
+    if code == STUDENT_ALL_NEG_INF:
+        raise sparse_rows_error(row, "meets a student row that is entirely -inf; every kept row needs a finite logit "
+                                "(mark the row ignored with labels=ignore_index or mask=False)")
+    side = "the student gives" if code == STUDENT_NO_TOP_K_MASS else "the teacher gives"
+    raise sparse_rows_error(row, f"is degenerate: {side} its top-k entries no probability, so "
+                            "sparse_mode='renorm' has nothing to renormalize")
+
+
 def _check_teacher(indices, logprobs, kept, vocab: int, sparse_mode: int):
-    """Sorts each row's entries by index and checks them: indices in [0, V) and distinct, and in
-    tail mode probabilities that sum to at most 1. Returns (sorted indices, their log-probs)."""
+    """Sorts each row's entries by index and checks them on the device: indices in [0, V) and
+    distinct, no +inf log-probability, and in tail mode probabilities that sum to at most 1.
+    Returns (sorted indices, their log-probs, status [N] int8, tail-mode probability sums)."""
     sorted_indices, order = indices.sort(dim=1)
     sorted_logprobs = logprobs.gather(1, order)
     checked = kept.unsqueeze(1)
-    out_of_range = checked & ((sorted_indices < 0) | (sorted_indices >= vocab))
-    if bool(out_of_range.any()):
-        row = int(out_of_range.any(1).nonzero()[0, 0])
-        bad = sorted_indices[row][out_of_range[row]][0]
-        raise sparse_rows_error(row, f"has index {int(bad)}, outside the student's vocabulary [0, {vocab})")
-    repeated = checked & (sorted_indices[:, 1:] == sorted_indices[:, :-1])
-    if bool(repeated.any()):
-        row = int(repeated.any(1).nonzero()[0, 0])
-        raise sparse_rows_error(row, "lists a vocabulary index twice; each row's top-k indices must be distinct")
-    infinite = checked & (sorted_logprobs == torch.inf)
-    if bool(infinite.any()):
-        row = int(infinite.any(1).nonzero()[0, 0])
-        raise sparse_rows_error(row, "has a log-probability of +inf")
+    status = torch.zeros(kept.shape, dtype=torch.int8, device=kept.device)
+    status = _flag(status, (checked & ((sorted_indices < 0) | (sorted_indices >= vocab))).any(1), INDEX_OUT_OF_RANGE)
+    status = _flag(status, (checked & (sorted_indices[:, 1:] == sorted_indices[:, :-1])).any(1),
+                   INDEX_REPEATED)
+    status = _flag(status, (checked & (sorted_logprobs == torch.inf)).any(1), LOGPROB_POS_INF)
+    mass = None
     if sparse_mode == SPARSE_TAIL:
         mass = torch.where(kept, sorted_logprobs.double().exp().sum(1), 0)
-        too_much = mass > 1 + PROBABILITY_SUM_SLACK
-        if bool(too_much.any()):
-            row = int(too_much.nonzero()[0, 0])
-            raise sparse_rows_error(row, f"has probabilities summing to {float(mass[row]):.4g} > 1; logprobs must "
-                                    "be log-probabilities (log_softmax of the teacher's logits), not logits")
-    return sorted_indices.contiguous(), sorted_logprobs
+        status = _flag(status, mass > 1 + PROBABILITY_SUM_SLACK, PROBABILITY_OVER_ONE)
+    return sorted_indices, sorted_logprobs, status, mass
 
 
-def _buckets(la_k, lp, lse_all, lse_tail, sparse_mode: int, kept):
-    """Log-probabilities of both sides over the buckets, [N, k + 1] (tail) or [N, k] (renorm)."""
+def _buckets(la_k, lp, lse_all, lse_tail, sparse_mode: int, kept, status):
+    """Log-probabilities of both sides over the buckets, [N, k + 1] (tail) or [N, k] (renorm), and
+    ``status`` with the renorm rows that have nothing to renormalize flagged."""
     if sparse_mode == SPARSE_TAIL:
         p_tail = (1 - lp.exp().sum(1, keepdim=True)).clamp_min(0)
         la = torch.cat([la_k, (lse_tail - lse_all).unsqueeze(1)], dim=1)
-        return la, torch.cat([lp, p_tail.log()], dim=1)
+        return la, torch.cat([lp, p_tail.log()], dim=1), status
     student_mass, teacher_mass = la_k.logsumexp(1), lp.logsumexp(1)
-    for mass, side in ((student_mass, "the student gives"), (teacher_mass, "the teacher gives")):
-        empty = kept & (mass == -torch.inf)
-        if bool(empty.any()):
-            raise sparse_rows_error(int(empty.nonzero()[0, 0]), f"is degenerate: {side} its top-k entries no "
-                                    "probability, so sparse_mode='renorm' has nothing to renormalize")
-    return la_k - student_mass.unsqueeze(1), lp - teacher_mass.unsqueeze(1)
+    status = _flag(status, kept & (student_mass == -torch.inf), STUDENT_NO_TOP_K_MASS)
+    status = _flag(status, kept & (teacher_mass == -torch.inf), TEACHER_NO_TOP_K_MASS)
+    return la_k - student_mass.unsqueeze(1), lp - teacher_mass.unsqueeze(1), status
 
 
 def _bucket_gradient(divergence: int, q, p, gq):
@@ -154,7 +191,13 @@ def _bucket_gradient(divergence: int, q, p, gq):
 def sparse_kd_loss(kernels: RowKernels, student, indices, logprobs, labels, mask, normalizer, temperature,
                    divergence, mix, t2_scale, kd_weight, ce_weight, ignore_index, reduction, sparse_mode,
                    student_grad):
-    """The op body every backend shares; ``kernels`` does the two passes over ``[N, V]``."""
+    """The op body every backend shares; ``kernels`` does the two passes over ``[N, V]``.
+
+    Every check of a kept row (the teacher's indices and log-probabilities, the label, a student
+    row with no finite logit, a renorm row with nothing to renormalize) is gathered into one
+    status per row on the device, and a call reads it back once: a ValueError then names the first
+    failing row and what to fix. While a CUDA graph is being captured nothing is read back, and a
+    failing row's loss and gradient come out NaN instead (as they do for a NaN or +inf logit)."""
     if student.dim() != 2 or indices.dim() != 2 or indices.shape != logprobs.shape or \
             indices.shape[0] != student.shape[0]:
         raise ValueError(f"kd_loss_sparse: expected student [N, V] with indices and logprobs [N, k], got "
@@ -175,33 +218,33 @@ def sparse_kd_loss(kernels: RowKernels, student, indices, logprobs, labels, mask
     # rows not kept are never checked: give them harmless indices before any kernel reads them
     placeholder = torch.arange(indices.shape[1], device=indices.device) % v
     indices = torch.where(kept.unsqueeze(1), indices.long(), placeholder)
-    indices, logprobs = _check_teacher(indices, logprobs, kept, v, sparse_mode)
+    given_indices, logprobs, status, mass = _check_teacher(indices, logprobs, kept, v, sparse_mode)
+    # nor are rows that failed a check read past their index list
+    indices = torch.where((status == 0).unsqueeze(1), given_indices, placeholder).contiguous()
     if indices.shape[1] == v:  # the top-k is the whole vocabulary: no tail exists, whatever rounding left over
         sparse_mode = SPARSE_MODES["renorm"]
     with_ce = ce_weight != 0
+    safe_labels = None
     if with_ce:
-        out_of_range = kept & ((labels < 0) | (labels >= v))
-        if bool(out_of_range.any()):
-            row = int(out_of_range.nonzero()[0, 0])
-            raise label_out_of_range_error(row, int(labels[row]), v)
+        label_in_range = (labels >= 0) & (labels < v)
+        status = _flag(status, kept & ~label_in_range, LABEL_OUT_OF_RANGE)
+        safe_labels = torch.where(kept & label_in_range, labels, 0)
     inv_t = inverse_temperature(temperature, acc)
     stats = kernels.row_stats(student, indices, inv_t, sparse_mode == SPARSE_TAIL, with_ce)
     lse_all, lse_tail, lse_t1 = stats[:, LSE_ALL], stats[:, LSE_TAIL], stats[:, LSE_T1]
-    masked = kept & (lse_all == -torch.inf)
-    if bool(masked.any()):
-        raise sparse_rows_error(int(masked.nonzero()[0, 0]), "meets a student row that is entirely -inf; every "
-                                "kept row needs a finite logit (mark the row ignored with labels=ignore_index "
-                                "or mask=False)")
-    bad = lse_all.isnan() | (lse_all == torch.inf)  # a NaN or +inf logit: the row is NaN
+    status = _flag(status, kept & (lse_all == -torch.inf), STUDENT_ALL_NEG_INF)
     z_k = student.gather(1, indices).to(acc)
     lp = logprobs.to(f64)
-    la, lb = _buckets((z_k * inv_t).to(f64) - lse_all.unsqueeze(1), lp, lse_all, lse_tail, sparse_mode, kept)
+    la, lb, status = _buckets((z_k * inv_t).to(f64) - lse_all.unsqueeze(1), lp, lse_all, lse_tail, sparse_mode,
+                              kept, status)
+    check_status(status, partial(_raise_row, _RowFacts(given_indices, v, mass, labels)))
+    # a NaN or +inf logit makes its row NaN; so does a failed check when it could not be raised
+    bad = lse_all.isnan() | (lse_all == torch.inf) | (status != 0)
     q, p = la.exp(), lb.exp()
     term, _, _, gq, _ = element_terms(divergence, la, lb, q, p, mix)
     bucket_grad = _bucket_gradient(divergence, q, p, gq)
     kd_loss_scale, kd_grad_scale = kd_scales(temperature, t2_scale, kd_weight)
     row_loss = kd_loss_scale * term.sum(1)
-    safe_labels = torch.where(kept, labels, 0) if with_ce else None
     if with_ce:
         z_label = student.gather(1, safe_labels.unsqueeze(1)).squeeze(1).to(f64)
         row_loss = row_loss + ce_weight * (lse_t1 - z_label)
@@ -221,7 +264,7 @@ def sparse_kd_loss(kernels: RowKernels, student, indices, logprobs, labels, mask
             coefficients[:, CE_COEF] = ce_weight * row_scale
             hit = (indices == safe_labels.unsqueeze(1)).to(f64)
             member = member + ce_weight * row_scale * ((z_k.to(f64) - lse_t1.unsqueeze(1)).exp() - hit)
-        coefficients[bad] = torch.nan
+        coefficients = torch.where(bad.unsqueeze(1), torch.nan, coefficients)
         grad = kernels.fill(student, kept, safe_labels, coefficients, inv_t)
         member = torch.where(kept.unsqueeze(1), torch.where(bad.unsqueeze(1), torch.nan, member), 0)
         # a flat index_put_ (scatter_ into a reduced-precision CPU tensor upcasts all of it)

@@ -145,7 +145,11 @@ def _kd_loss_reference(student, teacher, labels, mask, normalizer, temperature, 
         chunk_loss = kd_loss_scale * term.sum(-1)
         if ce_weight != 0:
             safe_labels = torch.where(k, lab, 0).unsqueeze(1)
-            chunk_loss = chunk_loss + ce_weight * (torch.logsumexp(s, -1) - s.gather(1, safe_labels).squeeze(1))
+            # (max - z_label) + log sum exp(z - max): the logits' magnitude cancels before the log-sum is
+            # added, so logits near 1e6 (a float32 ulp of 0.06) keep the few units the loss has
+            top = s.amax(-1, keepdim=True)
+            log_sum = torch.logsumexp(s - top, -1)
+            chunk_loss = chunk_loss + ce_weight * ((top.squeeze(1) - s.gather(1, safe_labels).squeeze(1)) + log_sum)
         chunk_loss = torch.where(bad, torch.nan, chunk_loss)
         row_loss[rows] = torch.where(k, chunk_loss, 0)
         if student_grad:

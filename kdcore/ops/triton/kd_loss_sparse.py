@@ -21,10 +21,11 @@ import triton
 import triton.language as tl
 
 from kdcore.ops.kd_loss_sparse import CE_COEF, CE_SHIFT, KD_SHIFT, KD_COEF
-from kdcore.ops.triton.kd_loss import _exp, _is_bad, scalar_params
+from kdcore.ops.triton.kd_loss import _exp, _is_bad, launch_device, scalar_params
 
 GPU_BLOCK, INTERPRETED_BLOCK = 1024, 512
-MAX_WINDOW = 16
+ROW_STATS_WARPS, FILL_WARPS = 8, 4  # the most columns a thread takes without spilling (sm_90)
+MAX_WINDOW = 8
 
 
 @triton.jit
@@ -138,11 +139,11 @@ def row_stats(student, indices, inv_t, with_tail, with_t1, *, interpreted: bool)
     k = indices.shape[1]
     out = torch.empty(n, 3, dtype=torch.float64, device=student.device)
     if n:
-        row_stats_kernel[(n,)](student, indices, out, _inv_t(student, inv_t), student.stride(0), v, k,
-                               WITH_TAIL=with_tail,
-                               WITH_T1=with_t1, BLOCK=_block(interpreted),
-                               WINDOW=min(MAX_WINDOW, max(2, triton.next_power_of_2(k))), ACC=_tl_acc(student),
-                               num_warps=4)
+        with launch_device(student):
+            row_stats_kernel[(n,)](student, indices, out, _inv_t(student, inv_t), student.stride(0), v, k,
+                                   WITH_TAIL=with_tail, WITH_T1=with_t1, BLOCK=_block(interpreted),
+                                   WINDOW=min(MAX_WINDOW, max(2, triton.next_power_of_2(k))), ACC=_tl_acc(student),
+                                   num_warps=ROW_STATS_WARPS)
     return out
 
 
@@ -163,7 +164,8 @@ def fill(student, kept, labels, coefficients, inv_t, *, interpreted: bool):
     ce_hi, ce_lo = _split(coefficients[:, CE_SHIFT], acc)
     params = torch.stack([coefficients[:, KD_COEF].to(acc), kd_hi, kd_lo, coefficients[:, CE_COEF].to(acc), ce_hi,
                           ce_lo], dim=1).contiguous()
-    fill_kernel[(n,)](student, grad, kept, labels if labels is not None else kept, params, _inv_t(student, inv_t),
-                      student.stride(0), grad.stride(0), v, HAS_CE=labels is not None, BLOCK=_block(interpreted),
-                      ACC=_tl_acc(student), num_warps=4)
+    with launch_device(student):
+        fill_kernel[(n,)](student, grad, kept, labels if labels is not None else kept, params,
+                          _inv_t(student, inv_t), student.stride(0), grad.stride(0), v, HAS_CE=labels is not None,
+                          BLOCK=_block(interpreted), ACC=_tl_acc(student), num_warps=FILL_WARPS)
     return grad
