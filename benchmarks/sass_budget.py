@@ -167,9 +167,10 @@ def loop_costs(function: Function, loops: list[MarkedLoop]) -> dict[MarkedLoop, 
 
 
 def demangle(names: list[str]) -> dict[str, str]:
+    """Mangled kernel names to C++ signatures, through binutils' c++filt."""
     tool = shutil.which("c++filt")
     if tool is None:
-        return {n: n for n in names}
+        raise SystemExit("sass_budget: c++filt not found; install binutils (it names the kernel variants)")
     out = subprocess.run([tool], input="\n".join(names), capture_output=True, text=True, check=True).stdout
     return dict(zip(names, out.splitlines()))
 
