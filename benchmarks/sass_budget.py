@@ -219,12 +219,11 @@ def cuda_include_flags() -> list[str]:
 
 def find_tool(name: str) -> str:
     candidates = [shutil.which(name)]
-    try:
-        import triton
+    import importlib.util
 
-        candidates.append(str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name))
-    except ImportError:
-        pass
+    triton = importlib.util.find_spec("triton")  # found, not imported: its import needs more than its tools
+    if triton is not None and triton.origin:
+        candidates.append(str(Path(triton.origin).parent / "backends" / "nvidia" / "bin" / name))
     for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
         if home:
             candidates.append(str(Path(home) / "bin" / name))
