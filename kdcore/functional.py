@@ -122,11 +122,12 @@ def row_arguments(fn: str, rows: torch.Tensor, leading: torch.Size, labels, mask
                 raise ValueError(f"{fn}: normalizer must be a number or a one-element tensor, got shape "
                                  f"{tuple(normalizer.shape)}")
             if normalizer.device != rows.device and normalizer.device.type == "cpu":
-                normalizer = normalizer.item()  # a host value: no blocking host-to-device copy below
+                # a host value, filled on the device (a kernel launch, which a CUDA graph can
+                # capture) rather than copied there (a blocking host-to-device copy)
+                normalizer = torch.full((), normalizer.item(), dtype=loss_dtype(rows), device=rows.device)
             else:
                 normalizer = normalizer.reshape(()).to(device=rows.device, dtype=loss_dtype(rows))
-        if not isinstance(normalizer, torch.Tensor):
-            # filled on the device (a kernel launch, which a CUDA graph can capture), not copied there
+        else:
             normalizer = torch.full((), _checks.positive(fn, "normalizer", normalizer), dtype=loss_dtype(rows),
                                     device=rows.device)
     return labels, mask, normalizer
