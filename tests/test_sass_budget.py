@@ -1,7 +1,7 @@
 """The static performance report (benchmarks/sass_budget.py): its SASS reading on listings written
 here, the loop markers of the CUDA sources, and -- where a CUDA toolchain is at hand -- the report
-itself: no CUDA or Triton kernel spills, and the CUDA fast kernel meets every instruction goal
-(the Triton kernel's figures are reported in docs/gpu.md, goals met or not).
+itself: no CUDA kernel spills, and the CUDA fast kernel meets every instruction goal (the Triton
+kernels' spills are tests/test_triton_budget.py's; their figures are in docs/gpu.md).
 
 The compiled check needs nvcc, a CUDA build of torch and Triton's nvdisasm. It runs with the
 Python named by ``KDCORE_CUDA_PYTHON`` (a separate virtualenv holding the CUDA build of torch;
@@ -129,16 +129,15 @@ def test_compiled_kernels_do_not_spill_and_meet_their_goals(tmp_path):
         pytest.skip("needs nvcc and a CUDA build of torch (set KDCORE_CUDA_PYTHON to a Python that has one)")
     output = tmp_path / "budget.jsonl"
     env = {**os.environ, "TRITON_INTERPRET": "0"}  # the suite interprets Triton on CPU; this compiles it
-    result = subprocess.run([python, "-m", "benchmarks.sass_budget", "--check", "--output", str(output)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=1800, env=env)
+    # the Triton kernels' spills are checked by tests/test_triton_budget.py, which needs no CUDA torch
+    result = subprocess.run([python, "-m", "benchmarks.sass_budget", "--check", "--skip-triton", "--output", str(output)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=1800, env=env)
     assert result.returncode == 0, result.stderr[-6000:]
     reports = [json.loads(line) for line in output.read_text().splitlines()]
     assert all(r["spill_bytes"] == 0 for r in reports if r["spill_bytes"] is not None)
     fast_bf16 = [r for r in reports if r["kernel"] == "cuda.kd_loss[fast]" and r["student"] == r["teacher"] == "bfloat16"]
     assert {r["divergence"] for r in fast_bf16} == set(sass_budget.DIVERGENCES)
     assert all(r["meets_goal"] for r in fast_bf16)
-    triton = [r for r in reports if r["kernel"].startswith("triton.")]
-    assert triton and all(r["spill_bytes"] == 0 for r in triton)
 
 
 def test_shared_memory_bytes_per_instruction():
