@@ -2,7 +2,9 @@
 """Sets up a virtual environment with kdcore built in it, then runs one job.
 
     python3 run.py demo [args]    # kdcore demo: the distillation methods compared on real data
-    python3 run.py test [args]    # the test suite; extra args go to pytest
+    python3 run.py test [args]    # the fast test tier (every module and backend); extra args go to pytest
+    python3 run.py test --slow    # the slow tier only: the exhaustive sweeps and end-to-end runs
+    python3 run.py test --all     # both tiers
     python3 run.py bench [args]   # python -m benchmarks.kd_loss [args]
 
 Needs only Python >= 3.10. The environment is .venv (or $KDCORE_VENV). torch is installed from
@@ -67,11 +69,25 @@ def ensure_environment(job: str) -> Path:
     return python
 
 
+def test_selection(args: list[str]) -> list[str]:
+    """pytest arguments for a test job: ``--all`` runs every test, ``--slow`` the tests marked slow,
+    anything else the fast tier (not slow), unless the arguments choose markers themselves."""
+    if "--all" in args:
+        return [a for a in args if a != "--all"]
+    if "--slow" in args:
+        return ["-m", "slow", *(a for a in args if a != "--slow")]
+    if "-m" in args:
+        return args
+    return ["-m", "not slow", *args]
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in EXTRAS:
         print(__doc__)
         return 2
     job, args = argv[0], argv[1:]
+    if job == "test":
+        args = test_selection(args)
     python = ensure_environment(job)
     commands = {
         "demo": [python, "-m", "kdcore", "demo", *args],

@@ -1,8 +1,13 @@
 """The ``kdcore`` command (also ``python -m kdcore``): ``distill``, ``eval``, ``cache-teacher``,
 ``demo``, ``plugins``, ``bench``.
 
-Errors a user can fix (a bad config, a missing file, a run that already exists) print one line
-naming the problem and exit with status 2; anything else is a bug and keeps its traceback.
+Errors a user can fix (a bad config, a missing file, a busy or already used output directory)
+print one line naming the problem and exit with status 2. An exception in a plugin's code prints
+which plugin raised where, with the traceback of the plugin's frames, and exits with status 1;
+anything else is a bug and keeps its traceback.
+
+The parser is built without importing torch (``kdcore --help`` answers at once); each command
+imports what it needs when it runs.
 """
 
 from __future__ import annotations
@@ -13,10 +18,13 @@ import importlib.util
 import json
 import os
 import sys
+import traceback
 from collections.abc import Sequence
+from pathlib import Path
+
+import pluggy
 
 from kdcore import plugins
-from kdcore.cache import VALUE_DTYPES
 
 BENCHMARKS = ("kd_loss", "kd_loss_sparse", "fused_linear_kd")  # modules of the source tree's benchmarks/ package
 
@@ -67,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--output", required=True, help="the cache directory")
     cache.add_argument("--k", type=int, default=128, help="entries kept per position (default 128)")
     cache.add_argument("--temperature", type=float, default=1.0, help="the teacher's softmax temperature (default 1)")
-    cache.add_argument("--value-dtype", choices=sorted(VALUE_DTYPES), default="bfloat16",
-                       help="how log-probabilities are stored (default bfloat16)")
+    cache.add_argument("--value-dtype", default="bfloat16",
+                       help="how log-probabilities are stored: bfloat16 (default) or float16")
     cache.add_argument("--split", choices=("train", "val"), default="train", help="the split to cache (default train)")
     cache.add_argument("--teacher", type=int, default=0, help="which of the config's teachers (default 0)")
     cache.add_argument("--tokenizer", help="the tokenizer's name, recorded in the manifest")
@@ -133,6 +141,8 @@ def cache_teacher_command(args: argparse.Namespace) -> int:
     from kdcore.engine.config import parse_config
     from kdcore.engine.data import call_model
 
+    if args.value_dtype not in cache.VALUE_DTYPES:
+        raise _UsageError(f"--value-dtype must be one of {sorted(cache.VALUE_DTYPES)}, got {args.value_dtype!r}")
     config = parse_config(args.config, args.overrides)
     if not 0 <= args.teacher < len(config.teachers):
         raise _UsageError(f"--teacher {args.teacher}: the config has {len(config.teachers)} teacher(s)")
@@ -159,8 +169,6 @@ def cache_teacher_command(args: argparse.Namespace) -> int:
 
 
 def demo_command(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from kdcore import demo
 
     if importlib.util.find_spec("matplotlib") is None:  # checked now, not after minutes of training
@@ -211,19 +219,39 @@ def plugins_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     from kdcore.cache import CacheError
     from kdcore.engine.config import ConfigError
+    from kdcore.engine.rundir import RunDirectoryError
 
-    args = build_parser().parse_args(argv)
     if args.disable_plugins:
         plugins.reload(disable=True)
     elif args.disable_plugin:
         plugins.reload(disable=",".join(args.disable_plugin))
     try:
         return args.run(args)
-    except (ConfigError, CacheError, FileExistsError, FileNotFoundError, _UsageError) as exc:
+    except (ConfigError, CacheError, RunDirectoryError, FileExistsError, FileNotFoundError, _UsageError) as exc:
         print(f"kdcore {args.command}: {exc}", file=sys.stderr)
         return 2
+    except plugins.PluginFault as fault:
+        print(f"kdcore {args.command}: {fault}", file=sys.stderr)
+        print(_plugin_traceback(fault.__cause__), end="", file=sys.stderr)
+        if fault.name:
+            print(f"(to run without this plugin: kdcore --disable-plugin {fault.name} {args.command} ...)",
+                  file=sys.stderr)
+        return 1
+
+
+def _plugin_traceback(error: BaseException | None) -> str:
+    """The traceback of ``error`` from its first frame outside kdcore and pluggy: the plugin's
+    code and whatever it called."""
+    if error is None:
+        return ""
+    own = tuple(str(Path(module.__file__).parent) + os.sep for module in (plugins, pluggy))
+    frames = traceback.extract_tb(error.__traceback__)
+    start = next((i for i, frame in enumerate(frames) if not frame.filename.startswith(own)), 0)
+    lines = ["Traceback (the plugin's frames):\n", *traceback.format_list(frames[start:])]
+    return "".join(lines + traceback.format_exception_only(type(error), error))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from kdcore import _checks
+from kdcore._compile import constant_result
 from kdcore import plugins
 from kdcore.divergences import DIVERGENCES, REDUCTIONS, REDUCTION_NONE
 from kdcore.ops import gpu_choice
@@ -418,7 +419,7 @@ def _check_inplace_target(fn: str, student_logits: torch.Tensor, rows: torch.Ten
                          "student_logits' memory")
 
 
-@torch.compiler.assume_constant_result
+@constant_result
 def resolve_op_name(family: str, backend: str, device_type: str, caller: str) -> str:
     """The qualified name of the op that runs ``family`` for ``backend`` on ``device_type``.
 

@@ -10,7 +10,8 @@ There are two kinds:
   :class:`kdcore.Distiller` while it trains. A plugin module that implements them sees every run;
   a *callback* (an object registered with ``kdcore_register_callbacks`` and switched on by name in a
   run's config) sees only the runs that ask for it. Their return values are ignored, and an
-  exception in one stops the run (a callback that checkpoints or validates must be able to).
+  exception in one stops the run (a callback that checkpoints or validates must be able to) as a
+  :class:`kdcore.plugins.PluginFault` naming the plugin and the hook.
 
 Lifecycle hooks are called with keyword arguments; an implementation may accept any subset of
 them (pluggy passes only the arguments the implementation names). ``run`` is the Distiller doing

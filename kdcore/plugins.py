@@ -7,8 +7,12 @@ registry (``kdcore.kd_loss``, ``kdcore.backends()``, ``kdcore plugins``), in thi
 built-ins, then third-party plugins sorted by name. A third-party plugin that fails to import,
 implements an unknown hook, or whose registration hook raises is skipped with a
 :class:`PluginWarning` naming it and its package; a name it registers that is already taken is
-refused with a warning and the rest of what it registers stays. Nothing a third-party plugin does
-breaks kdcore's built-ins. A failing built-in raises :class:`PluginError`.
+refused with a warning and the rest of what it registers stays: nothing a third-party plugin does
+while loading breaks kdcore's built-ins. A failing built-in raises :class:`PluginError`.
+
+Once loaded, a plugin's code runs inside runs (lifecycle hooks, callbacks, a method's losses); an
+exception there stops the run as a :class:`PluginFault` naming the plugin, its package and the
+hook, with the original exception as its cause.
 
 ``KDCORE_DISABLE_PLUGINS=1`` (or the CLI's ``--disable-plugins``) turns third-party autoloading off;
 a comma list (``KDCORE_DISABLE_PLUGINS=kdcore-foo,bar``) disables the plugins or packages it names.
@@ -85,6 +89,16 @@ class PluginError(RuntimeError):
     """One of kdcore's built-in plugins failed to load (a broken installation)."""
 
 
+class PluginFault(RuntimeError):
+    """A plugin's code raised during a run. ``plugin`` describes it (name and package), ``where``
+    is the hook or method call, ``name`` the plugin's name (for ``--disable-plugin``); the
+    original exception is ``__cause__``."""
+
+    def __init__(self, plugin: str, where: str, error: BaseException, name: str | None = None) -> None:
+        self.plugin, self.where, self.name = plugin, where, name
+        super().__init__(f"{plugin} raised in {where}: {type(error).__name__}: {error}")
+
+
 @dataclass
 class PluginInfo:
     """What ``kdcore plugins`` reports for one plugin."""
@@ -155,11 +169,64 @@ class PluginHost:
         self.callbacks = Registry("callback")
         self.backends = BackendRegistry()
         self.plugins: dict[str, PluginInfo] = {}
+        # a run's active callbacks, by the name they are registered under with pluggy
+        self._callback_labels: dict[str, str] = {}
+        self._callback_owners: dict[str, str] = {}  # -> the plugin that registered the callback
 
     @property
     def hook(self):
-        """Calls lifecycle hooks: ``host.hook.kdcore_epoch_end(run=..., stage=..., epoch=...)``."""
+        """pluggy's hook relay (``host.hook.kdcore_epoch_end.get_hookimpls()``); call hooks with
+        :meth:`call`, which names the plugin when one raises."""
         return self.pm.hook
+
+    def call(self, hook_name: str, **kwargs: Any) -> list[Any]:
+        """Calls lifecycle hook ``hook_name`` on every implementation. An exception raised in a
+        plugin's implementation (a plugin module's hook, a callback a plugin registered) becomes a
+        :class:`PluginFault` naming that plugin; one raised by a callback object the run was given
+        directly is the caller's own and passes unchanged."""
+        caller = getattr(self.pm.hook, hook_name)
+        try:
+            return caller(**kwargs)
+        except Exception as exc:
+            codes = {_code_of(impl.function): impl.plugin_name for impl in caller.get_hookimpls()
+                     if impl.plugin_name in self.plugins or impl.plugin_name in self._callback_owners}
+            frame = exc.__traceback__
+            while frame is not None and frame.tb_frame.f_code not in codes:
+                frame = frame.tb_next
+            if frame is None:
+                raise
+            name = codes[frame.tb_frame.f_code]
+            raise PluginFault(self.describe(name), hook_name, exc, self._disable_name(name)) from exc
+
+    @contextmanager
+    def blame(self, registry: Registry, name: str, where: str,
+              passes: tuple[type[Exception], ...] = ()) -> Iterator[None]:
+        """Runs the ``with`` block as the code of the plugin that registered ``name`` in
+        ``registry`` (a method's ``losses``, say): an exception becomes a :class:`PluginFault`
+        naming that plugin, except the kinds in ``passes`` (how the plugin rejects a config). A
+        name no plugin registered (an import path) passes exceptions on."""
+        try:
+            yield
+        except Exception as exc:
+            if name not in registry or isinstance(exc, passes):
+                raise
+            plugin = registry.entry(name).plugin
+            raise PluginFault(f"{self.describe(plugin)} ({registry.kind} {name!r})", where, exc,
+                              self._disable_name(plugin)) from exc
+
+    def describe(self, name: str) -> str:
+        """How messages name a registered plugin or a run's callback: ``plugin 'NAME' (package P)``."""
+        if name in self.plugins:
+            return self.plugins[name].describe()
+        return self._callback_labels.get(name, f"plugin {name!r}")
+
+    def _disable_name(self, name: str) -> str | None:
+        """The name ``--disable-plugin`` takes for the plugin ``name`` (None for a run's callback
+        object or a built-in, which cannot be disabled that way)."""
+        info = self.plugins.get(name)
+        if info is None and name in self._callback_owners:
+            info = self.plugins.get(self._callback_owners[name])
+        return info.name if info is not None and not info.builtin else None
 
     # -- loading ----------------------------------------------------------------------------------
 
@@ -312,20 +379,32 @@ class PluginHost:
         options go to the callback's factory), or a callback object. The objects are registered as
         plugins (so their hook implementations are called) and unregistered on exit; yields them.
         """
-        objects = [self._callback_object(spec) for spec in callbacks]
+        objects = [(self._callback_object(spec), spec) for spec in callbacks]
         registered = []
         try:
-            for index, obj in enumerate(objects):
+            for index, (obj, spec) in enumerate(objects):
                 name = f"callback-{index}-{id(obj)}"
                 self.pm.register(obj, name=name)
-                registered.append(obj)
+                registered.append(name)
+                self._label_callback(name, spec)
                 problem = self._unknown_hooks(obj)
                 if problem:
                     raise ValueError(f"callback {type(obj).__name__} {problem}")
-            yield objects
+            yield [obj for obj, _ in objects]
         finally:
-            for obj in registered:
-                self.pm.unregister(obj)
+            for name in registered:
+                self.pm.unregister(name=name)
+                self._callback_labels.pop(name, None)
+                self._callback_owners.pop(name, None)
+
+    def _label_callback(self, name: str, spec: str | Mapping[str, Any] | object) -> None:
+        """Remembers which plugin registered an active callback that came from the registry, to
+        name it in errors."""
+        registered = spec if isinstance(spec, str) else spec.get("name") if isinstance(spec, Mapping) else None
+        if registered is not None and registered in self.callbacks:
+            owner = self.callbacks.entry(registered).plugin
+            self._callback_owners[name] = owner
+            self._callback_labels[name] = f"{self.describe(owner)} (callback {registered!r})"
 
     def _callback_object(self, spec: str | Mapping[str, Any] | object) -> object:
         if isinstance(spec, str):
@@ -340,6 +419,11 @@ class PluginHost:
 
 class _PluginProblem(Exception):
     """A problem with a plugin whose message is already complete."""
+
+
+def _code_of(function: Callable[..., Any]) -> Any:
+    """The code object a hook implementation runs (bound methods and plain functions alike)."""
+    return getattr(getattr(function, "__func__", function), "__code__", None)
 
 
 def _registrar(kind: str, plugin: str, pending: list[tuple[str, Entry]]) -> Callable[..., None]:

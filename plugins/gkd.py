@@ -27,7 +27,7 @@ import torch
 import kdcore
 from kdcore.engine.method import options_of
 from kdcore.functional import loss_options
-from kdcore.integrations.generation import continue_prompts
+from kdcore.integrations.generation import continue_prompts, require_generate
 from kdcore_plugins.common import GENERATION_DEFAULTS, generation_options
 
 DEFAULTS = dict(GENERATION_DEFAULTS, do_sample=True, lmbda=0.5, seq_kd=False, divergence="jsd", beta=0.5, alpha=0.1,
@@ -55,6 +55,8 @@ class GKD(kdcore.Method):
     def setup(self, ctx):
         if "teacher0" not in ctx.models:
             raise ValueError("gkd needs a teacher: list one under teachers in the run config")
+        for role in ("student", "teacher0"):  # on-policy steps sample from the student, the others from the teacher
+            require_generate(ctx.raw(role), self.name)
 
     def on_policy(self, ctx) -> bool:
         """Whether the current step trains on the student's samples."""

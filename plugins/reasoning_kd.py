@@ -31,7 +31,7 @@ import kdcore
 from kdcore.engine.data import call_model
 from kdcore.engine.method import Outputs, options_of
 from kdcore.functional import loss_options
-from kdcore.integrations.generation import continue_prompts
+from kdcore.integrations.generation import continue_prompts, require_generate
 from kdcore_plugins.common import GENERATION_DEFAULTS, generation_options
 
 DEFAULTS = dict(GENERATION_DEFAULTS, answer_marker=None, source="teacher", rationale_weight=1.0, answer_weight=1.0,
@@ -94,6 +94,10 @@ class ReasoningKD(kdcore.Method):
             raise ValueError("reasoning_kd with source: teacher (or kd_weight > 0) needs a teacher: list one under "
                              "teachers in the run config")
         return [kdcore.Stage(self.name)]
+
+    def setup(self, ctx):
+        if self.source == "teacher":
+            require_generate(ctx.raw("teacher0"), self.name)
 
     def prepare_batch(self, batch, ctx):
         if self.source == "data":

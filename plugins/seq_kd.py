@@ -24,7 +24,7 @@ from kdcore.engine.data import call_model
 from kdcore.engine.method import Outputs, options_of
 from kdcore.engine.terms import cross_entropy
 from kdcore.functional import loss_options
-from kdcore.integrations.generation import continue_prompts
+from kdcore.integrations.generation import continue_prompts, require_generate
 from kdcore_plugins.common import GENERATION_DEFAULTS, generation_options
 
 DEFAULTS = dict(GENERATION_DEFAULTS, ce_weight=1.0, kd_weight=0.0, divergence="forward_kl", temperature=1.0,
@@ -49,6 +49,7 @@ class SequenceKD(kdcore.Method):
         if "teacher0" not in ctx.models:
             raise ValueError("seq_kd needs a teacher to generate the targets: list one under teachers in the run "
                              "config")
+        require_generate(ctx.raw("teacher0"), self.name)
 
     def prepare_batch(self, batch, ctx):
         return continue_prompts(ctx.raw("teacher0"), batch, ctx.ignore_index, self.generation, method=self.name)

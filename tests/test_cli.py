@@ -46,7 +46,7 @@ def test_distill_then_eval(tmp_path, teacher, capsys):
     assert cli.main(["eval", str(path), "--set", "training.epochs=1"]) == 0
     assert json.loads(capsys.readouterr().out) == pytest.approx(final)
     assert cli.main(["distill", str(path), "--set", "training.epochs=1"]) == 2
-    assert "already holds a run (checkpoint.pt); resume it" in capsys.readouterr().err
+    assert "already holds a run (checkpoint.pt, checkpoint.previous.pt, metrics.jsonl, student.pt, stages); resume it" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args, message", [
@@ -71,3 +71,30 @@ def test_python_m_kdcore_and_bench(tmp_path):
     elsewhere = subprocess.run([sys.executable, "-m", "kdcore", "bench"], cwd=tmp_path, capture_output=True, text=True)
     assert elsewhere.returncode == 2
     assert "kdcore bench: kdcore bench runs the benchmarks of kdcore's source tree" in elsewhere.stderr
+
+
+@pytest.mark.parametrize("command", [[], ["distill"], ["eval"], ["cache-teacher"], ["demo"], ["plugins"], ["bench"]])
+def test_help_imports_no_torch(command):
+    """`kdcore ... --help` answers before torch is imported (what makes it instant)."""
+    probe = ("import sys\nfrom kdcore import cli\ntry:\n    cli.main(sys.argv[1:] + ['--help'])\nexcept SystemExit:\n"
+             "    pass\nloaded = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"
+             "print('LOADED', loaded[:5])")
+    done = subprocess.run([sys.executable, "-c", probe, *command], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "LOADED []"
+
+
+def test_import_kdcore_leaves_dynamo_alone():
+    """Using kdcore does not import torch._dynamo (most of a second) until something compiles."""
+    probe = ("import sys, torch, kdcore\nkdcore.kd_loss(torch.randn(2, 3), torch.randn(2, 3))\nkdcore.backends()\n"
+             "print('DYNAMO', 'torch._dynamo' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "DYNAMO False"
+
+
+def test_value_dtype_is_checked_by_the_cache(tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(classification_config(tmp_path / "run", method={"name": "supervised"})))
+    assert cli.main(["cache-teacher", str(path), "--output", str(tmp_path / "c"), "--value-dtype", "int8"]) == 2
+    assert "--value-dtype must be one of ['bfloat16', 'float16'], got 'int8'" in capsys.readouterr().err

@@ -20,6 +20,7 @@ import kdcore
 from engine_helpers import FEATURES, CLASSES, classification_config
 from kdcore.engine import checkpoint
 from kdcore.engine.config import ConfigError
+from kdcore.engine.rundir import RunDirectoryError
 
 TESTS = Path(__file__).parent
 
@@ -85,11 +86,11 @@ def test_resume_after_an_exception_is_exact(tmp_path, teacher, reference, stage,
     config = resumable_config(tmp_path, teacher)
     with pytest.raises(Crash):
         kdcore.Distiller(config, callbacks=[CrashAt(stage, step)]).fit()
-    if step == 1:
+    if step == 1:  # no checkpoint yet: a fresh run is refused (the log is there), a resume starts over
         assert not (tmp_path / "checkpoint.pt").exists()
-        metrics = kdcore.Distiller(config).fit()
-    else:
-        metrics = kdcore.Distiller(config).fit(resume=True)
+        with pytest.raises(RunDirectoryError, match=r"already holds a run \(metrics.jsonl\)"):
+            kdcore.Distiller(config).fit()
+    metrics = kdcore.Distiller(config).fit(resume=True)
     assert_same_run(tmp_path, metrics, reference)
 
 
@@ -128,9 +129,10 @@ def test_resuming_a_finished_run_changes_nothing(reference, teacher):
 
 
 def test_run_directory_guards(tmp_path, teacher, reference):
-    with pytest.raises(FileExistsError, match=r"already holds a run \(checkpoint.pt\); resume it"):
+    with pytest.raises(RunDirectoryError, match=r"already holds a run \(checkpoint.pt, checkpoint.previous.pt, "
+                                                r"metrics.jsonl, student.pt, stages\); resume it"):
         kdcore.Distiller(resumable_config(reference[0], teacher)).fit()
-    with pytest.raises(FileNotFoundError, match=r"nothing to resume: .*checkpoint.pt does not exist"):
+    with pytest.raises(RunDirectoryError, match=r"nothing to resume: .*checkpoint.pt does not exist"):
         kdcore.Distiller(resumable_config(tmp_path, teacher)).fit(resume=True)
     changed = resumable_config(reference[0], teacher)
     changed["optimizer"]["lr"] = 0.5

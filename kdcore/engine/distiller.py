@@ -8,9 +8,11 @@ full-batch loss whatever the accumulation and process count. After each epoch th
 is scored, then a checkpoint is written (model, optimizer, scheduler, RNG states of every process,
 stage, epoch, step, log position); a resumed run loads it and continues exactly.
 
-Files in ``output_dir``: ``checkpoint.pt`` (the latest), ``metrics.jsonl`` (events),
-``stages/<i>-<name>/student.pt`` (each stage's trained student, a plain state dict; trained
-teachers beside it as ``teacher<k>.pt``) and ``student.pt`` (the final student).
+Files in ``output_dir``: ``checkpoint.pt`` (the latest) and ``checkpoint.previous.pt`` (the one
+before it), ``metrics.jsonl`` (events), ``stages/<i>-<name>/student.pt`` (each stage's trained
+student, a plain state dict; trained teachers beside it as ``teacher<k>.pt``), ``student.pt`` (the
+final student, written when the last stage ends) and ``.lock`` (held while a run is going; see
+:mod:`kdcore.engine.rundir`).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from kdcore import plugins
-from kdcore.engine import checkpoint, distributed
+from kdcore.engine import checkpoint, distributed, preflight
 from kdcore.engine.builders import build_model, build_splits, resolve
 from kdcore.engine.config import ConfigError, ModelSpec, RunConfig, check_names, parse_config
 from kdcore.engine.context import StageContext
@@ -38,6 +40,7 @@ from kdcore.engine.data import Batch, Collate, EvalShard, TrainOrder, loader
 from kdcore.engine.method import Method, Outputs, Stage
 from kdcore.engine.metrics import Meter
 from kdcore.engine.optim import build_optimizer, build_scheduler
+from kdcore.engine.rundir import RunDirectory, RunDirectoryError, read_checkpoint
 from kdcore.engine.runlog import RunLog, format_metrics
 
 CHECKPOINT_VERSION = 1
@@ -109,24 +112,29 @@ class Distiller:
 
     def fit(self, resume: bool = False) -> dict[str, float]:
         """Runs every stage (from the checkpoint in ``output_dir`` when ``resume``) and returns the
-        final evaluation's metrics."""
+        final evaluation's metrics. The output directory is locked for the whole run."""
         procs = distributed.start(self.config.device)
+        directory = RunDirectory(self.output_dir)
         try:
-            return self._fit(procs, resume)
+            with directory:
+                return self._fit(procs, directory, resume)
         finally:
             procs.close()
 
-    def _fit(self, procs: distributed.Processes, resume: bool) -> dict[str, float]:
+    def _fit(self, procs: distributed.Processes, directory: RunDirectory, resume: bool) -> dict[str, float]:
         config = self.config
-        saved = self._load_checkpoint() if resume else self._check_fresh(procs)
+        saved, takeover = self._open(procs, directory, resume)
         checkpoint.seed_everything(config.seed)
         train, val = build_splits(config.data)
         _check_batching(config, procs, len(train))
-        log = RunLog(self.output_dir / "metrics.jsonl", enabled=procs.is_main, console=self.console)
+        log = RunLog(directory.log_path, enabled=procs.is_main, console=self.console)
+        if takeover:
+            log.say(takeover)
         first_stage, stage_state = 0, None
-        if saved is None:
-            log.truncate(0)  # events of an attempt that crashed before its first checkpoint
-        else:
+        if saved is None and resume:
+            log.truncate(0)  # the events of an attempt that stopped before its first checkpoint
+            log.say(f"{self.output_dir} has no checkpoint yet: the run starts over")
+        if saved is not None:
             log.truncate(saved["log_offset"])  # events of work done after the checkpoint, redone now
             first_stage, stage_state = saved["stage"], saved["stage_state"]
             self.metrics, self._teacher_metrics = saved["metrics"], saved["teacher_metrics"]
@@ -136,47 +144,67 @@ class Distiller:
                     + (f"epoch {stage_state['epoch']} step {stage_state['step']}" if stage_state else "(start)"))
         host = plugins.host()
         with host.active_callbacks(self.callbacks):
-            host.hook.kdcore_run_start(run=self)
+            host.call("kdcore_run_start", run=self)
             for index in range(first_stage, len(self.stages)):
                 rng = _rng_of(saved, procs) if stage_state is not None else None
                 _Stage(self, procs, log, index, train, val).execute(stage_state, rng)
                 stage_state = None
-            host.hook.kdcore_run_end(run=self, metrics=dict(self.metrics))
+            host.call("kdcore_run_end", run=self, metrics=dict(self.metrics))
         log.event("run_end", metrics=self.metrics)
         return dict(self.metrics)
 
-    def _check_fresh(self, procs: distributed.Processes) -> None:
-        if self.checkpoint_path.exists():
-            raise FileExistsError(f"{self.output_dir} already holds a run ({self.checkpoint_path.name}); "
-                                  "resume it (--resume / fit(resume=True)) or choose another output_dir")
-        procs.barrier()  # no process may start writing before every one has looked
-        return None
+    def _open(self, procs: distributed.Processes, directory: RunDirectory,
+              resume: bool) -> tuple[dict[str, Any] | None, str | None]:
+        """Locks the output directory (main process) and finds what this run starts from: nothing
+        for a fresh run (which the directory must not hold), else the checkpoint to resume. Every
+        process gets the main process's verdict, so all of them stop on a busy or unusable directory.
+        Returns the checkpoint (None when the run starts from the beginning) and a note when a dead
+        run's lock was taken over."""
+        verdict: dict[str, Any] = {"error": None, "path": None, "takeover": None}
+        saved = None
+        if procs.is_main:
+            try:
+                verdict["takeover"] = directory.acquire()
+                point = directory.resume_point() if resume else None
+                if point is not None:
+                    path, saved = point
+                    directory.check_log(saved.get("log_offset", 0))
+                    verdict["path"] = str(path)
+                elif not resume:
+                    directory.check_fresh()
+            except RunDirectoryError as exc:
+                verdict["error"] = str(exc)
+        verdict = procs.broadcast(verdict)
+        if verdict["error"]:
+            raise RunDirectoryError(verdict["error"])
+        if verdict["path"] is None:
+            return None, verdict["takeover"]
+        if saved is None:
+            saved = read_checkpoint(Path(verdict["path"]))
+        self._check_resumable(saved, Path(verdict["path"]))
+        return saved, verdict["takeover"]
 
-    def _load_checkpoint(self) -> dict[str, Any]:
-        if not self.checkpoint_path.exists():
-            raise FileNotFoundError(f"nothing to resume: {self.checkpoint_path} does not exist "
-                                    "(run without --resume to start)")
-        saved = checkpoint.load(self.checkpoint_path)
+    def _check_resumable(self, saved: Mapping[str, Any], path: Path) -> None:
         if saved.get("version") != CHECKPOINT_VERSION:
-            raise ValueError(f"{self.checkpoint_path} was written by an incompatible kdcore "
+            raise ValueError(f"{path} was written by an incompatible kdcore "
                              f"(checkpoint version {saved.get('version')}, expected {CHECKPOINT_VERSION})")
         differences = [key for key in _differences(saved["config"], self.config.model_dump(mode="json"))
                        if key.split(".")[0] not in RESUME_MAY_CHANGE]
         if differences:
             raise ConfigError(f"cannot resume {self.output_dir}: the config differs from the one it was started "
                               f"with at {', '.join(differences[:10])}; resume with the same config")
-        return saved
 
     def save_checkpoint(self, procs: distributed.Processes, log: RunLog, stage: int,
                         stage_state: dict[str, Any] | None) -> None:
-        """Writes ``checkpoint.pt`` (every process takes part: RNG states are gathered)."""
+        """Writes ``checkpoint.pt``, keeping the one it replaces as ``checkpoint.previous.pt``
+        (every process takes part: RNG states are gathered)."""
         rng = procs.gather(checkpoint.rng_state())
         if procs.is_main:
-            checkpoint.save_atomic({
+            RunDirectory(self.output_dir).save_checkpoint({
                 "version": CHECKPOINT_VERSION, "config": self.config.model_dump(mode="json"), "stage": stage,
                 "stage_state": stage_state, "rng": rng, "log_offset": log.offset(), "metrics": self.metrics,
                 "teacher_metrics": self._teacher_metrics,
-            }, self.checkpoint_path)
+            })
         procs.barrier()
 
     # -- evaluation -----------------------------------------------------------------------------
@@ -216,10 +244,10 @@ class _Stage:
     def execute(self, state: dict[str, Any] | None, rng: dict[str, Any] | None) -> None:
         run, config, procs, stage = self.run, self.config, self.procs, self.stage
         device = procs.device
-        student = build_model(run.student_spec(self.index), self._key("student", stage.student)).to(device)
-        teachers = [build_model(spec, self._key(f"teachers.{i}", stage.teachers)).to(device)
-                    for i, spec in enumerate(run.teacher_specs(self.index))]
-        models = {"student": student, **{f"teacher{i}": t for i, t in enumerate(teachers)}}
+        specs = {"student": (self._key("student", stage.student), run.student_spec(self.index))}
+        specs.update({f"teacher{i}": (self._key(f"teachers.{i}", stage.teachers), spec)
+                      for i, spec in enumerate(run.teacher_specs(self.index))})
+        models = {role: build_model(spec, key).to(device) for role, (key, spec) in specs.items()}
         unknown = set(stage.trainable) - set(models)
         if unknown:
             raise ConfigError(f"stage {stage.name!r}: trainable names {sorted(unknown)}, but the stage has "
@@ -229,9 +257,12 @@ class _Stage:
                 model.requires_grad_(False).eval()
         ctx = self.ctx = run.context = StageContext(run, stage, self.index, device, models)
         ctx.ignore_index = config.data.ignore_index
-        run.student = student
+        run.student = models["student"]
         ctx.example = Collate(self.train)([self.train[i] for i in range(min(2, len(self.train)))])
-        run.method.setup(ctx)
+        first_batch = Collate(self.train)([self.train[i] for i in range(min(config.data.batch_size, len(self.train)))])
+        preflight.check_stage(ctx, specs, run.method, config.data.dataset, first_batch.labels)
+        with self._method_code("setup", passes=(ValueError, TypeError)):  # how setup rejects a config
+            run.method.setup(ctx)
         trained = [models[role] for role in stage.trainable] + [ctx.modules[n] for n in sorted(ctx.trainable_modules)]
         self.parameters = _unique_parameters(trained)
         self.optimizer = build_optimizer(config.optimizer, self.parameters)
@@ -244,20 +275,26 @@ class _Stage:
         self._wrap_for_ddp(ctx)
         if state is None:
             self._evaluate_teachers()
-        hook = plugins.host().hook
-        hook.kdcore_stage_start(run=run, stage=stage)
+        host = plugins.host()
+        host.call("kdcore_stage_start", run=run, stage=stage)
         try:
             for epoch in range(start_epoch, self.epochs):
-                hook.kdcore_epoch_start(run=run, stage=stage, epoch=epoch)
+                host.call("kdcore_epoch_start", run=run, stage=stage, epoch=epoch)
                 self._train_epoch(epoch, start_step if epoch == start_epoch else 0)
                 self._evaluate(epoch)
                 run.save_checkpoint(procs, self.log, self.index, self._state(epoch + 1, 0))
-                hook.kdcore_epoch_end(run=run, stage=stage, epoch=epoch)
+                host.call("kdcore_epoch_end", run=run, stage=stage, epoch=epoch)
         finally:
             ctx.close()
             self._unwrap_ddp(ctx)
         self._finish()
-        hook.kdcore_stage_end(run=run, stage=stage)
+        host.call("kdcore_stage_end", run=run, stage=stage)
+
+    def _method_code(self, where: str, passes: tuple[type[Exception], ...] = ()):
+        """Runs the method's own code (``setup``, ``losses``, ...) so that an exception in it names
+        the plugin that registered the method."""
+        host = plugins.host()
+        return host.blame(host.methods, self.config.method.name, where, passes)
 
     def _key(self, role: str, planned: Any) -> str:
         """How errors name a model: by its config key when the stage uses the config's models."""
@@ -286,7 +323,7 @@ class _Stage:
                 losses = self._optimizer_step(micro)
                 seen += config.data.batch_size
                 throughput = seen / max(time.perf_counter() - started, 1e-9)
-                plugins.host().hook.kdcore_step_end(run=self.run, stage=self.stage, step=ctx.step, losses=losses)
+                plugins.host().call("kdcore_step_end", run=self.run, stage=self.stage, step=ctx.step, losses=losses)
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses['total']:.4g}", ex_s=f"{throughput:.0f}")
                 last = step + 1 == self.steps_per_epoch
@@ -304,7 +341,8 @@ class _Stage:
         every process)."""
         config, procs, ctx = self.config, self.procs, self.ctx
         method = self.run.method
-        micro = [method.prepare_batch(batch, ctx) for batch in micro]
+        with self._method_code("prepare_batch"):
+            micro = [method.prepare_batch(batch, ctx) for batch in micro]
         kept = procs.sum(torch.tensor([float(sum(b.kept_rows(ctx.ignore_index) for b in micro))]))
         ctx.normalizer = max(float(kept[0]), 1.0) / procs.world_size
         ctx.example_normalizer = config.data.batch_size / procs.world_size
@@ -312,8 +350,11 @@ class _Stage:
         for position, batch in enumerate(micro):
             batch = batch.to(procs.device)
             with self._no_sync(position + 1 < len(micro)), _autocast(procs.device, config.training.precision):
-                outputs = method.run_models(batch, ctx, self.stage.trainable)
-                terms = _checked_terms(method, method.losses(batch, outputs, ctx))
+                with self._method_code("run_models"):
+                    outputs = method.run_models(batch, ctx, self.stage.trainable)
+                with self._method_code("losses"):
+                    terms = method.losses(batch, outputs, ctx)
+                terms = _checked_terms(method, terms)
                 self._check_weights(terms)
                 total = sum(self._weight(name) * value for name, value in terms.items())
             if not isinstance(total, torch.Tensor) or not total.requires_grad:
@@ -328,13 +369,19 @@ class _Stage:
         bad = [name for name, value in losses.items() if not math.isfinite(value)]
         if bad:  # checked before the update, so the models keep their last finite weights
             raise FloatingPointError(f"stage {self.stage.name!r} step {ctx.step}: loss terms {bad} are not finite "
-                                     f"({ {n: losses[n] for n in bad} }); the last checkpoint is intact")
+                                     f"({ {n: losses[n] for n in bad} }); {self._checkpoint_note()}")
         if config.training.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.parameters, config.training.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return losses
+
+    def _checkpoint_note(self) -> str:
+        path = self.run.checkpoint_path
+        if path.exists():
+            return f"the last checkpoint ({path}) is intact"
+        return "no checkpoint was written yet"
 
     def _check_weights(self, terms: Mapping[str, torch.Tensor]) -> None:
         unknown = sorted(set(self.config.training.loss_weights) - set(terms))
@@ -380,7 +427,7 @@ class _Stage:
         run.metrics = metrics
         self.log.event("eval", stage=self.stage.name, epoch=epoch, step=self.ctx.step, **metrics)
         self.log.say(f"[{self.stage.name}] epoch {epoch + 1}/{self.epochs}: {format_metrics(metrics)}")
-        plugins.host().hook.kdcore_evaluated(run=run, stage=self.stage, epoch=epoch, metrics=dict(metrics))
+        plugins.host().call("kdcore_evaluated", run=run, stage=self.stage, epoch=epoch, metrics=dict(metrics))
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -435,7 +482,8 @@ class _Stage:
         if procs.is_main:
             for role in dict.fromkeys(("student", *self.stage.trainable)):
                 checkpoint.save_atomic(self.ctx.raw(role).state_dict(), run.stage_model_path(self.index, role))
-            checkpoint.save_atomic(self.ctx.raw("student").state_dict(), run.output_dir / "student.pt")
+            if self.index == len(run.stages) - 1:  # the final student; a stage's own student keeps its stage name
+                checkpoint.save_atomic(self.ctx.raw("student").state_dict(), run.output_dir / "student.pt")
         self.log.event("stage_end", stage=self.stage.name, index=self.index, metrics=run.metrics)
         run.save_checkpoint(procs, self.log, self.index + 1, None)
 

@@ -46,6 +46,14 @@ class Processes:
         dist.all_gather_object(out, obj)
         return out
 
+    def broadcast(self, obj: Any) -> Any:
+        """The main process's ``obj``, on every process."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()

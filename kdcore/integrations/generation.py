@@ -59,15 +59,22 @@ def prompt_lengths(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels
     return torch.where(labelled.any(1), first + 1, attention_mask.sum(1)).long()
 
 
+def require_generate(model: nn.Module, method: str):
+    """``model.generate``; a model without one raises ``TypeError`` naming it. Methods call this in
+    ``setup`` so that a model that cannot generate stops the run before training."""
+    generate = getattr(model, "generate", None)
+    if not callable(generate):
+        raise TypeError(f"{method}: {type(model).__name__} has no generate(); generation-based methods need a "
+                        "Hugging Face causal LM (model: hf_causal_lm)")
+    return generate
+
+
 def continue_prompts(model: nn.Module, batch: Batch, ignore_index: int, options: GenerationOptions, *,
                      method: str) -> Batch:
     """``batch`` with each row's prompt continued by ``model`` (run in eval mode under no_grad,
     then restored to its mode), labelled for training on the continuation. The new batch is on the
     model's device."""
-    generate = getattr(model, "generate", None)
-    if not callable(generate):
-        raise TypeError(f"{method}: {type(model).__name__} has no generate(); generation-based methods need a "
-                        "Hugging Face causal LM (model: hf_causal_lm)")
+    generate = require_generate(model, method)
     if not isinstance(batch.inputs, Mapping) or "input_ids" not in batch.inputs or batch.labels is None:
         raise ValueError(f"{method}: batches must hold input_ids (and labels marking the prompt with the ignore "
                          "index); got " + (f"inputs {sorted(batch.inputs)}" if isinstance(batch.inputs, Mapping)

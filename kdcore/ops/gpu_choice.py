@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from kdcore import plugins
+from kdcore._compile import constant_result
 
 # Upper bounds of the vocabulary buckets: a problem falls in the first bucket that holds its V.
 VOCAB_BUCKETS = (32768, 131072, 262144, 1 << 62)
@@ -29,7 +30,7 @@ def bucket(vocab: int) -> int:
     return next(b for b in VOCAB_BUCKETS if vocab <= b)
 
 
-@torch.compiler.assume_constant_result
+@constant_result
 def fastest(dtype: torch.dtype, divergence: int, vocab: int) -> str:
     """The measured-fastest available backend for this problem on CUDA, or "auto" (priorities)."""
     name = next(spec.name for spec in _divergences() if spec.code == divergence)
