@@ -68,7 +68,8 @@ def test_python_m_kdcore_and_bench(tmp_path):
     done = subprocess.run([sys.executable, "-m", "kdcore", "bench", "--benchmark", "fused_linear_kd", "--help-bench"],
                           cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""})
     assert done.returncode == 0 and "DTYPE:NxHsxHtxV" in done.stdout, done.stderr
-    elsewhere = subprocess.run([sys.executable, "-m", "kdcore", "bench"], cwd=tmp_path, capture_output=True, text=True)
+    elsewhere = subprocess.run([sys.executable, "-m", "kdcore", "bench"], cwd=tmp_path, capture_output=True, text=True,
+                               env={**os.environ, "PYTHONPATH": ""})  # no benchmarks package reachable
     assert elsewhere.returncode == 2
     assert "kdcore bench: kdcore bench runs the benchmarks of kdcore's source tree" in elsewhere.stderr
 

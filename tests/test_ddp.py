@@ -39,7 +39,8 @@ def hf_config(tmp_path):
     return text_config(tmp_path / "ddp", method=method, teachers=[teacher], max_bytes=1600, training={"epochs": 1, "grad_accum": 2, "log_every": 4})
 
 
-@pytest.mark.parametrize("method", ["response_kd", "engine_helpers:Probe", "llm_kd"])
+@pytest.mark.parametrize("method", ["response_kd", "engine_helpers:Probe",
+                                    pytest.param("llm_kd", marks=pytest.mark.slow)])
 def test_two_processes_match_one(tmp_path, teacher, method):
     if method == "llm_kd":
         pytest.importorskip("transformers")

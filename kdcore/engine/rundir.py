@@ -71,6 +71,8 @@ class RunDirectory:
     def acquire(self) -> str | None:
         """Takes the lock (creating the directory), checks the directory is writable and removes
         temporary files of killed writes. Returns a message when a dead run's lock was taken over."""
+        if self.path.exists() and not self.path.is_dir():
+            raise RunDirectoryError(f"output_dir {self.path} is a file, not a directory; choose another output_dir")
         self._created_directory = not self.path.exists()
         self._created_lock = not (self.path / LOCK_NAME).exists()
         try:
@@ -89,8 +91,11 @@ class RunDirectory:
                                     "for it to end or choose another output_dir") from None
         self._lock_file = handle
         previous = _read_holder(handle)
-        _write_holder(handle)
         try:
+            try:
+                _write_holder(handle)
+            except OSError as exc:
+                raise self._unwritable(exc) from None
             self._check_writable()
             self._remove_temporaries()
         except BaseException:
@@ -107,10 +112,8 @@ class RunDirectory:
         if self._lock_file is None:
             return
         handle, self._lock_file = self._lock_file, None
-        try:
+        with contextlib.suppress(OSError):
             os.ftruncate(handle, 0)  # an empty lock file: nobody holds it, nobody was killed holding it
-        except OSError:
-            pass
         nothing_written = failed and [entry.name for entry in self.path.iterdir()] == [LOCK_NAME]
         if nothing_written and self._created_lock:
             with contextlib.suppress(OSError):
