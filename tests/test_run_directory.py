@@ -137,6 +137,19 @@ def test_each_checkpoint_keeps_the_one_before(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.previous.pt", "checkpoint.pt"]
 
 
+def test_a_write_killed_after_linking_the_previous_leaves_nothing_behind_later(tmp_path):
+    """A kill between keeping checkpoint.pt as the previous and replacing it leaves both names on
+    one file; the next write must still end with two checkpoints and no temporary file."""
+    directory = RunDirectory(tmp_path)
+    directory.save_checkpoint({"version": 1, "n": 1})
+    os.link(directory.checkpoint_path, directory.previous_path)  # killed there
+    directory.save_checkpoint({"version": 1, "n": 2})
+    directory.save_checkpoint({"version": 1, "n": 3})
+    assert rundir.read_checkpoint(directory.checkpoint_path)["n"] == 3
+    assert rundir.read_checkpoint(directory.previous_path)["n"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.previous.pt", "checkpoint.pt"]
+
+
 # -- unreadable checkpoints -------------------------------------------------------------------------
 
 
@@ -385,3 +398,224 @@ def test_a_callback_object_of_the_caller_raises_unchanged(tmp_path):
     with pytest.raises(Mine):
         kdcore.Distiller(classification_config(tmp_path, method={"name": "supervised"}), console=False,
                          callbacks=[AtStep(0, lambda: (_ for _ in ()).throw(Mine()))]).fit()
+
+
+# -- found by fault injection -----------------------------------------------------------------------
+
+
+def test_after_a_fallback_a_kill_during_the_next_write_still_leaves_a_checkpoint(tmp_path, teacher, monkeypatch):
+    """Resuming from checkpoint.previous.pt sets the unreadable checkpoint.pt aside, so the next
+    write does not keep the unreadable file as the previous one in place of the readable one."""
+    directory = tmp_path / "run"
+    reference = kdcore.Distiller(config_for(tmp_path / "reference", teacher), console=False).fit()
+    config = config_for(directory, teacher, checkpoint={"every_steps": 4})
+    with pytest.raises(KeyboardInterrupt):
+        kdcore.Distiller(config, callbacks=[AtStep(13, lambda: (_ for _ in ()).throw(KeyboardInterrupt))],
+                         console=False).fit()
+    _spoil(directory / "checkpoint.pt", "garbage")
+    save = rundir.checkpoint.save_atomic
+
+    def killed_writing_the_checkpoint(obj, path):
+        if Path(path).name == "checkpoint.pt":
+            raise KeyboardInterrupt
+        save(obj, path)
+
+    monkeypatch.setattr(rundir.checkpoint, "save_atomic", killed_writing_the_checkpoint)
+    with pytest.warns(RuntimeWarning, match="the unreadable file is kept as .*checkpoint.unreadable.pt"), \
+            pytest.raises(KeyboardInterrupt):
+        kdcore.Distiller(config, console=False).fit(resume=True)
+    monkeypatch.setattr(rundir.checkpoint, "save_atomic", save)
+    assert (directory / "checkpoint.unreadable.pt").read_bytes() == b"not a checkpoint\n" * 100
+    with pytest.warns(RuntimeWarning, match="checkpoint.pt does not exist; resuming from the checkpoint before it"):
+        assert kdcore.Distiller(config, console=False).fit(resume=True) == reference
+
+
+def test_a_checkpoint_without_a_runs_records_falls_back_to_the_previous(tmp_path, teacher):
+    directory = tmp_path / "run"
+    config = config_for(directory, teacher)
+    kdcore.Distiller(config, console=False).fit()
+    torch.save({"version": 1}, directory / "checkpoint.pt")
+    with pytest.warns(RuntimeWarning, match=r"checkpoint.pt is not a kdcore checkpoint \(it has no config, stage"):
+        kdcore.Distiller(config, console=False).fit(resume=True)
+
+
+def test_teacher_metrics_survive_a_resume_with_the_options_in_another_order(tmp_path, teacher):
+    """A config written as YAML has its keys sorted, one given as a dict keeps their order: the
+    teachers' metrics a checkpoint keeps must be found either way."""
+    reference = kdcore.Distiller(config_for(tmp_path / "reference", teacher), console=False).fit()
+    config = config_for(tmp_path / "run", teacher, checkpoint={"every_steps": 2})
+    with pytest.raises(KeyboardInterrupt):
+        kdcore.Distiller(config, callbacks=[AtStep(11, lambda: (_ for _ in ()).throw(KeyboardInterrupt))],
+                         console=False).fit()
+    options = config["teachers"][0]["options"]
+    config["teachers"][0]["options"] = dict(reversed(list(options.items())))
+    assert kdcore.Distiller(config, console=False).fit(resume=True) == reference
+    events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all("teacher_accuracy" in event for event in events if event["event"] == "eval")
+
+
+def test_a_run_whose_lock_file_was_removed_stops_before_writing_again(tmp_path, teacher):
+    """Removing .lock lets a second run take a new one: the first stops at its next write."""
+    directory = tmp_path / "run"
+    config = config_for(directory, teacher)
+    intruder = RunDirectory(directory)
+
+    def remove_and_retake():
+        (directory / ".lock").unlink()
+        intruder.acquire()
+
+    with pytest.raises(RunDirectoryError, match=r"\.lock was removed or replaced while this run held it, so another "
+                                                r"run may be using"):
+        kdcore.Distiller(config, callbacks=[AtStep(3, remove_and_retake)], console=False).fit()
+    assert json.loads((directory / ".lock").read_text())["pid"] == os.getpid()  # the intruder's lock is left alone
+    events = [json.loads(line)["event"] for line in (directory / "metrics.jsonl").read_text().splitlines()]
+    assert events.count("step") == 3  # steps 0-2: the event of step 3 comes after its hook took the lock away
+    intruder.release()
+
+
+def test_a_busy_message_names_the_new_holder_not_the_dead_one(tmp_path):
+    """The holder writes its record just after taking the lock; a run refused in that moment
+    names it, not the killed run whose record is still there."""
+    import subprocess
+    import threading
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / ".lock").write_text(json.dumps({"pid": dead.pid, "host": rundir.socket.gethostname(),
+                                                "started": "earlier"}))
+    handle = os.open(tmp_path / ".lock", os.O_RDWR)
+    rundir.fcntl.flock(handle, rundir.fcntl.LOCK_EX | rundir.fcntl.LOCK_NB)  # a run that has not written its record
+    writer = threading.Timer(0.1, rundir._write_holder, [handle])
+    writer.start()
+    try:
+        with pytest.raises(RunDirectoryError, match=f"in use by another run \\(pid {os.getpid()} on host"):
+            RunDirectory(tmp_path).acquire()
+    finally:
+        writer.join()
+        os.close(handle)
+
+
+@pytest.mark.parametrize("what, says", [
+    ("file", "output_dir {d} exists and is not a directory"),
+    ("dangling link", "output_dir {d} is a symbolic link to {d}-target, which does not exist"),
+    ("lock directory", "{d}/.lock is not a regular file; remove it"),
+    ("lock fifo", "{d}/.lock is not a regular file; remove it"),
+])
+def test_an_output_dir_that_cannot_hold_a_run_is_one_line(tmp_path, capsys, what, says):
+    directory = tmp_path / "run"
+    if what == "file":
+        directory.write_text("mine")
+    elif what == "dangling link":
+        directory.symlink_to(tmp_path / "run-target")
+    else:
+        directory.mkdir()
+        (directory / ".lock").mkdir() if what == "lock directory" else os.mkfifo(directory / ".lock")
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(classification_config(directory, method={"name": "supervised"})))
+    assert cli.main(["distill", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kdcore distill: " + says.format(d=directory)) and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("name", ["checkpoint.previous.pt", "metrics.jsonl", "stages"])
+def test_a_runs_file_of_the_wrong_kind_fails_before_training(tmp_path, teacher, name):
+    directory = tmp_path / "run"
+    config = config_for(directory, teacher, checkpoint={"every_steps": 4})
+    with pytest.raises(KeyboardInterrupt):
+        kdcore.Distiller(config, callbacks=[AtStep(9, lambda: (_ for _ in ()).throw(KeyboardInterrupt))],
+                         console=False).fit()
+    if name == "stages":  # not there yet: the stage has not ended
+        (directory / name).write_text("x")
+    else:
+        (directory / name).unlink()
+        (directory / name).mkdir()
+    kind = "is not a directory" if name == "stages" else "is a directory where the run keeps a file"
+    with pytest.raises(RunDirectoryError, match=f"{name} {kind}; remove it"):
+        kdcore.Distiller(config, callbacks=[AtStep(10, lambda: pytest.fail("trained"))], console=False).fit(resume=True)
+
+
+def test_a_log_the_run_cannot_write_fails_before_training():
+    parent = Path(tempfile.mkdtemp())
+    parent.chmod(0o755)
+    try:
+        directory = parent / "run"
+        config = classification_config(directory, method={"name": "supervised"}, training={"epochs": 2})
+        with pytest.raises(KeyboardInterrupt):
+            kdcore.Distiller(config, callbacks=[AtStep(9, lambda: (_ for _ in ()).throw(KeyboardInterrupt))],
+                             console=False).fit()
+        if os.geteuid() == 0:  # the directory is the user's, the log someone else's
+            os.chown(directory, 65534, 65534)
+            os.chown(directory / ".lock", 65534, 65534)
+        (directory / "metrics.jsonl").chmod(0o444)
+        steps = AtStep(9, lambda: None)
+        with unprivileged(), pytest.raises(RunDirectoryError, match=r"metrics.jsonl is not writable \(Permission "
+                                                                    r"denied\); fix its permissions"):
+            kdcore.Distiller(config, callbacks=[steps], console=False).fit(resume=True)
+    finally:
+        shutil.rmtree(parent)
+
+
+def test_a_failed_fresh_run_leaves_a_directory_with_other_files_as_it_found_it(tmp_path, teacher):
+    directory = tmp_path / "run"
+    directory.mkdir()
+    (directory / "notes.txt").write_text("mine")
+    spec = mlp([16])
+    spec["options"]["in_features"] = FEATURES + 1
+    config = classification_config(directory, method={"name": "response_kd"}, teachers=[teacher], student=spec)
+    with pytest.raises(ConfigError, match="student.options.in_features"):
+        kdcore.Distiller(config, console=False).fit()
+    assert sorted(p.name for p in directory.iterdir()) == ["notes.txt"]
+
+
+def test_teachers_of_another_class_count_combined_by_the_method_are_a_config_error(tmp_path, teacher):
+    other = {**mlp([8]), "pretrained": True}
+    other["options"]["num_classes"] = CLASSES + 1
+    config = classification_config(tmp_path / "run", method={"name": "ensemble"}, teachers=[teacher, other])
+    with pytest.raises(ConfigError, match=rf"student outputs {CLASSES} classes \(student.options.num_classes\) but "
+                                          rf"teachers.1 outputs {CLASSES + 1} classes \(teachers.1.options"):
+        kdcore.Distiller(config, console=False).fit()
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_language_models_vocab_size_is_named(tmp_path):
+    from engine_helpers import lm_config
+    config = lm_config(tmp_path / "run", method={"name": "supervised"})
+    config["student"]["options"]["vocab_size"] = 32
+    with pytest.raises(ConfigError, match=r"student: model 'tiny_lm' fails on a batch .*: index out of range in self; "
+                                          r"student.options.vocab_size is 32 but the inputs hold token id \d+"):
+        kdcore.Distiller(config, console=False).fit()
+
+
+class PlanFails(kdcore.Method):
+    def plan(self, config):
+        raise RuntimeError("no plan")
+
+
+class FactoryFails(kdcore.Method):
+    def __init__(self, config):
+        raise KeyError("option")
+
+
+class TeacherLogitsFails(kdcore.Method):
+    def teacher_logits(self, outputs):
+        raise RuntimeError("no reference")
+
+    def losses(self, batch, outputs, ctx):
+        return {"ce": outputs.student.logsumexp(-1).mean()}
+
+
+class MoreBrokenMethods:
+    @kdcore.hookimpl
+    def kdcore_register_methods(self, register):
+        register("plan_fails", PlanFails)
+        register("factory_fails", FactoryFails)
+        register("teacher_logits_fails", TeacherLogitsFails)
+
+
+@pytest.mark.parametrize("method, where", [("plan_fails", "plan"), ("factory_fails", "its factory"),
+                                           ("teacher_logits_fails", "teacher_logits")])
+def test_every_call_of_a_methods_code_names_its_plugin(tmp_path, registered, teacher, method, where):
+    registered(MoreBrokenMethods(), "more_broken")
+    config = classification_config(tmp_path / "run", method={"name": method}, teachers=[teacher])
+    with pytest.raises(kdcore.plugins.PluginFault, match=rf"^plugin 'more_broken' \(kdcore-faulty 1.2\) \(method "
+                                                         rf"'{method}'\) raised in {where}: "):
+        kdcore.Distiller(config, console=False).fit()

@@ -18,6 +18,7 @@ final student, written when the last stage ends) and ``.lock`` (held while a run
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import re
 import time
@@ -73,6 +74,7 @@ class Distiller:
         self.context: StageContext | None = None
         self.metrics: dict[str, float] = {}
         self._teacher_metrics: dict[str, dict[str, float]] = {}
+        self._directory: RunDirectory | None = None  # the output directory while fit() holds it
 
     # -- paths ----------------------------------------------------------------------------------
 
@@ -114,11 +116,12 @@ class Distiller:
         """Runs every stage (from the checkpoint in ``output_dir`` when ``resume``) and returns the
         final evaluation's metrics. The output directory is locked for the whole run."""
         procs = distributed.start(self.config.device)
-        directory = RunDirectory(self.output_dir)
+        directory = self._directory = RunDirectory(self.output_dir)
         try:
             with directory:
                 return self._fit(procs, directory, resume)
         finally:
+            self._directory = None
             procs.close()
 
     def _fit(self, procs: distributed.Processes, directory: RunDirectory, resume: bool) -> dict[str, float]:
@@ -127,7 +130,7 @@ class Distiller:
         checkpoint.seed_everything(config.seed)
         train, val = build_splits(config.data)
         _check_batching(config, procs, len(train))
-        log = RunLog(directory.log_path, enabled=procs.is_main, console=self.console)
+        log = RunLog(directory.log_path, enabled=procs.is_main, console=self.console, guard=directory.check_held)
         if takeover:
             log.say(takeover)
         first_stage, stage_state = 0, None
@@ -137,7 +140,8 @@ class Distiller:
         if saved is not None:
             log.truncate(saved["log_offset"])  # events of work done after the checkpoint, redone now
             first_stage, stage_state = saved["stage"], saved["stage_state"]
-            self.metrics, self._teacher_metrics = saved["metrics"], saved["teacher_metrics"]
+            self.metrics = saved["metrics"]
+            self._teacher_metrics = {_canonical(key): value for key, value in saved["teacher_metrics"].items()}
             if stage_state is None:
                 checkpoint.set_rng_state(_rng_of(saved, procs))
             log.say(f"resuming {self.output_dir} at stage {first_stage} "
@@ -186,7 +190,7 @@ class Distiller:
 
     def _check_resumable(self, saved: Mapping[str, Any], path: Path) -> None:
         if saved.get("version") != CHECKPOINT_VERSION:
-            raise ValueError(f"{path} was written by an incompatible kdcore "
+            raise RunDirectoryError(f"{path} was written by an incompatible kdcore "
                              f"(checkpoint version {saved.get('version')}, expected {CHECKPOINT_VERSION})")
         differences = [key for key in _differences(saved["config"], self.config.model_dump(mode="json"))
                        if key.split(".")[0] not in RESUME_MAY_CHANGE]
@@ -200,7 +204,7 @@ class Distiller:
         (every process takes part: RNG states are gathered)."""
         rng = procs.gather(checkpoint.rng_state())
         if procs.is_main:
-            RunDirectory(self.output_dir).save_checkpoint({
+            (self._directory or RunDirectory(self.output_dir)).save_checkpoint({
                 "version": CHECKPOINT_VERSION, "config": self.config.model_dump(mode="json"), "stage": stage,
                 "stage_state": stage_state, "rng": rng, "log_offset": log.offset(), "metrics": self.metrics,
                 "teacher_metrics": self._teacher_metrics,
@@ -260,7 +264,7 @@ class _Stage:
         run.student = models["student"]
         ctx.example = Collate(self.train)([self.train[i] for i in range(min(2, len(self.train)))])
         first_batch = Collate(self.train)([self.train[i] for i in range(min(config.data.batch_size, len(self.train)))])
-        preflight.check_stage(ctx, specs, run.method, config.data.dataset, first_batch.labels)
+        preflight.check_stage(ctx, specs, run.method, config.data.dataset, first_batch.labels, self._method_code)
         with self._method_code("setup", passes=(ValueError, TypeError)):  # how setup rejects a config
             run.method.setup(ctx)
         trained = [models[role] for role in stage.trainable] + [ctx.modules[n] for n in sorted(ctx.trainable_modules)]
@@ -410,7 +414,7 @@ class _Stage:
         run = self.run
         specs = run.teacher_specs(self.index)
         for i, spec in enumerate(specs):
-            key = spec.model_dump_json()
+            key = _teacher_key(spec)
             if key not in run._teacher_metrics and f"teacher{i}" not in self.stage.trainable:
                 metrics = evaluate_teacher(run, self.ctx, self.procs, self.val, i)
                 run._teacher_metrics[key] = metrics
@@ -422,7 +426,7 @@ class _Stage:
         metrics = evaluate_student(run, self.ctx, self.procs, self.val)
         specs = run.teacher_specs(self.index)
         for i, spec in enumerate(specs):
-            metrics.update(_prefixed(run._teacher_metrics.get(spec.model_dump_json(), {}),
+            metrics.update(_prefixed(run._teacher_metrics.get(_teacher_key(spec), {}),
                                      _teacher_prefix(i, len(specs))))
         run.metrics = metrics
         self.log.event("eval", stage=self.stage.name, epoch=epoch, step=self.ctx.step, **metrics)
@@ -480,6 +484,8 @@ class _Stage:
     def _finish(self) -> None:
         run, procs = self.run, self.procs
         if procs.is_main:
+            if run._directory is not None:
+                run._directory.check_held()
             for role in dict.fromkeys(("student", *self.stage.trainable)):
                 checkpoint.save_atomic(self.ctx.raw(role).state_dict(), run.stage_model_path(self.index, role))
             if self.index == len(run.stages) - 1:  # the final student; a stage's own student keeps its stage name
@@ -493,7 +499,13 @@ class _Stage:
 
 def evaluate_student(run: Distiller, ctx: StageContext, procs: distributed.Processes, val) -> dict[str, float]:
     """The student's metrics on ``val``, against what the method compares it with."""
-    return _metrics(run, ctx, procs, val, lambda outputs: (outputs.student, run.method.teacher_logits(outputs)))
+    host = plugins.host()
+
+    def pick(outputs: Outputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        with host.blame(host.methods, run.config.method.name, "teacher_logits"):
+            return outputs.student, run.method.teacher_logits(outputs)
+
+    return _metrics(run, ctx, procs, val, pick)
 
 
 def evaluate_teacher(run: Distiller, ctx: StageContext, procs: distributed.Processes, val, index: int) -> dict[str, float]:
@@ -537,9 +549,11 @@ def _sweep(run: Distiller, ctx: StageContext, procs: distributed.Processes, val,
 
 
 def _make_method(config: RunConfig) -> Method:
-    factory = resolve(config.method.name, plugins.host().methods, "method.name")
+    host = plugins.host()
+    factory = resolve(config.method.name, host.methods, "method.name")
     try:
-        method = factory(config.method.options())
+        with host.blame(host.methods, config.method.name, "its factory", passes=(TypeError, ValueError)):
+            method = factory(config.method.options())
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"method: {exc}") from None
     if not isinstance(method, Method):
@@ -549,8 +563,10 @@ def _make_method(config: RunConfig) -> Method:
 
 
 def _checked_stages(method: Method, config: RunConfig) -> list[Stage]:
+    host = plugins.host()
     try:
-        stages = method.plan(config)
+        with host.blame(host.methods, config.method.name, "plan", passes=(ValueError,)):
+            stages = method.plan(config)
     except ValueError as exc:
         raise ConfigError(f"method: {exc}") from None
     if not isinstance(stages, list) or not stages or not all(isinstance(s, Stage) for s in stages):
@@ -656,6 +672,21 @@ def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
             out += _differences(old.get(key), new.get(key), f"{prefix}{key}.")
         return out
     return [] if old == new else [prefix.rstrip(".") or "(top level)"]
+
+
+def _teacher_key(spec: ModelSpec) -> str:
+    """What a teacher's metrics are remembered by: its spec as JSON with sorted keys, so that the
+    order of its options in a config (a YAML file is written sorted, a dict is not) does not matter."""
+    return json.dumps(spec.model_dump(mode="json"), sort_keys=True)
+
+
+def _canonical(key: str) -> str:
+    """A checkpoint's teacher key as :func:`_teacher_key` writes it (older checkpoints kept the
+    options in the config's order)."""
+    try:
+        return json.dumps(json.loads(key), sort_keys=True)
+    except ValueError:
+        return key
 
 
 def _teacher_prefix(index: int, count: int) -> str:

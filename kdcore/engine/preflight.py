@@ -10,7 +10,8 @@ labels of the first training batch and against the teacher prediction the method
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -24,11 +25,12 @@ CLASS_OPTIONS = ("num_classes", "vocab_size", "num_labels")
 
 
 def check_stage(ctx: Any, specs: Mapping[str, tuple[str, ModelSpec]], method: Any, dataset: str,
-                labels: torch.Tensor | None) -> None:
+                labels: torch.Tensor | None, method_code: Callable[[str], Any] = lambda where: nullcontext()) -> None:
     """Runs each model of ``ctx`` on ``ctx.example``. ``specs`` maps a role (``"student"``,
     ``"teacher0"``, ...) to its config key and spec; ``method`` says which teacher prediction the
     student is compared with; ``dataset`` is the config's ``data.dataset`` (for messages);
-    ``labels`` are the first training batch's, checked against the student's class count."""
+    ``labels`` are the first training batch's, checked against the student's class count;
+    ``method_code(where)`` is the context the method's own code runs in (naming its plugin)."""
     batch: Batch = ctx.example.to(ctx.device)
     outputs = {role: _run(ctx.raw(role), batch, *specs[role], dataset) for role in specs}
     student_key, student_spec = specs["student"]
@@ -39,13 +41,19 @@ def check_stage(ctx: Any, specs: Mapping[str, tuple[str, ModelSpec]], method: An
             raise ConfigError(f"{_classes(student_key, student_spec, classes)}, but data.dataset {dataset!r} has "
                               f"labels up to {int(labels.max())}: the student needs at least {int(labels.max()) + 1}")
     teachers = [outputs[role] for role in specs if role != "student"]
-    reference = method.teacher_logits(Outputs(outputs["student"], teachers)) if teachers else None
+    teacher_side = "; ".join(_classes(key, spec, outputs[role].shape[-1]) for role, (key, spec) in specs.items()
+                             if role != "student" and outputs[role].shape[-1] != classes)
+    mismatch = (f"{_classes(student_key, student_spec, classes)} but {{}}; the student is distilled from and "
+                "compared with the teacher's prediction, so the counts must be equal")
+    try:
+        with method_code("teacher_logits"):
+            reference = method.teacher_logits(Outputs(outputs["student"], teachers)) if teachers else None
+    except Exception:
+        if teacher_side:  # combining teachers of different class counts fails: that is the problem to name
+            raise ConfigError(mismatch.format(teacher_side)) from None
+        raise
     if isinstance(reference, torch.Tensor) and reference.shape[-1] != classes:
-        teacher_side = "; ".join(_classes(key, spec, outputs[role].shape[-1]) for role, (key, spec) in specs.items()
-                                 if role != "student" and outputs[role].shape[-1] != classes)
-        raise ConfigError(f"{_classes(student_key, student_spec, classes)} but "
-                          f"{teacher_side or f'the teacher prediction has {reference.shape[-1]}'}; the student is "
-                          "distilled from and compared with the teacher's prediction, so the counts must be equal")
+        raise ConfigError(mismatch.format(teacher_side or f"the teacher prediction has {reference.shape[-1]}"))
 
 
 def _run(model: torch.nn.Module, batch: Batch, key: str, spec: ModelSpec, dataset: str) -> torch.Tensor:
@@ -70,6 +78,8 @@ def _hint(key: str, spec: ModelSpec, inputs: Any) -> str:
     """What in ``spec.options`` disagrees with ``inputs``, as a sentence naming the key; or a
     listing of the options when nothing specific is known."""
     options = spec.options
+    if isinstance(inputs, Mapping) and isinstance(inputs.get("input_ids"), torch.Tensor):
+        inputs = inputs["input_ids"]  # a language model's tokens: what vocab_size must cover
     if isinstance(inputs, torch.Tensor):
         if "in_features" in options and inputs.dim() >= 1 and inputs.shape[-1] != options["in_features"]:
             return (f"; {key}.options.in_features is {options['in_features']} but the inputs have "

@@ -24,7 +24,9 @@ import json
 import os
 import shutil
 import socket
+import stat
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,9 @@ PREVIOUS_NAME = "checkpoint.previous.pt"
 LOG_NAME = "metrics.jsonl"
 STUDENT_NAME = "student.pt"
 STAGES_NAME = "stages"
+UNREADABLE_NAME = "checkpoint.unreadable.pt"  # an unreadable checkpoint.pt, moved aside by a resume
+# what every checkpoint of version 1 holds
+CHECKPOINT_KEYS = ("config", "stage", "stage_state", "rng", "log_offset", "metrics", "teacher_metrics")
 # what makes a directory a run's: a fresh run into a directory holding any of these is refused
 RUN_FILES = (CHECKPOINT_NAME, PREVIOUS_NAME, LOG_NAME, STUDENT_NAME, STAGES_NAME)
 
@@ -53,6 +58,7 @@ class RunDirectory:
         self.path = Path(path)
         self._lock_file: int | None = None
         self._created_directory = self._created_lock = False  # what acquire() added, removed by a failed run
+        self._found: set[str] = set()  # the directory's entries before acquire()
 
     @property
     def checkpoint_path(self) -> Path:
@@ -71,24 +77,44 @@ class RunDirectory:
     def acquire(self) -> str | None:
         """Takes the lock (creating the directory), checks the directory is writable and removes
         temporary files of killed writes. Returns a message when a dead run's lock was taken over."""
+        if self.path.is_symlink() and not self.path.exists():
+            raise RunDirectoryError(f"output_dir {self.path} is a symbolic link to {os.readlink(self.path)}, which "
+                                    "does not exist; create that directory or choose another output_dir")
         if self.path.exists() and not self.path.is_dir():
-            raise RunDirectoryError(f"output_dir {self.path} is a file, not a directory; choose another output_dir")
+            raise RunDirectoryError(f"output_dir {self.path} exists and is not a directory; choose another output_dir")
         self._created_directory = not self.path.exists()
-        self._created_lock = not (self.path / LOCK_NAME).exists()
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            handle = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise self._unwritable(exc) from None
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            holder = _read_holder(handle)
-            os.close(handle)
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
-                raise RunDirectoryError(f"output_dir {self.path}: cannot lock {LOCK_NAME} ({exc.strerror})") from None
-            raise RunDirectoryError(f"output_dir {self.path} is in use by another run ({_describe(holder)}); wait "
-                                    "for it to end or choose another output_dir") from None
+        self._found = set()
+        with contextlib.suppress(OSError):
+            self._found = {entry.name for entry in self.path.iterdir()}
+        lock_path = self.path / LOCK_NAME
+        for _ in range(100):  # until the file locked is the one at lock_path (see check_held)
+            self._created_lock = not os.path.lexists(lock_path)
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+                handle = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                if os.path.lexists(lock_path):
+                    raise self._bad_lock_file(exc) from None
+                raise self._unwritable(exc) from None
+            if not stat.S_ISREG(os.fstat(handle).st_mode):
+                os.close(handle)
+                raise self._bad_lock_file(None)
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                holder = _read_live_holder(handle)
+                os.close(handle)
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                    raise RunDirectoryError(f"output_dir {self.path}: cannot lock {LOCK_NAME} "
+                                            f"({exc.strerror})") from None
+                raise RunDirectoryError(f"output_dir {self.path} is in use by another run ({_describe(holder)}); "
+                                        "wait for it to end or choose another output_dir") from None
+            if _same_file(handle, lock_path):
+                break
+            os.close(handle)  # removed or replaced between open and lock: locking it keeps no one out
+        else:
+            raise RunDirectoryError(f"output_dir {self.path}: {LOCK_NAME} keeps being replaced; is another program "
+                                    "removing it?")
         self._lock_file = handle
         previous = _read_holder(handle)
         try:
@@ -106,6 +132,17 @@ class RunDirectory:
                     "releasing it (killed?)")
         return None
 
+    def check_held(self) -> None:
+        """Raises when this run's lock file was removed or replaced since it was taken (then another
+        run may have taken a new one and be writing here too); called before each write of the run's
+        files. Does nothing in a process that does not hold the lock (DDP ranks other than 0)."""
+        if self._lock_file is None or _same_file(self._lock_file, self.path / LOCK_NAME):
+            return
+        raise RunDirectoryError(
+            f"{self.path / LOCK_NAME} was removed or replaced while this run held it, so another run may be using "
+            f"{self.path}: this run stops before writing there again (its last checkpoint is intact); make sure no "
+            "other run uses the directory, then resume with --resume")
+
     def release(self, *, failed: bool = False) -> None:
         """Releases the lock. When ``failed`` and the run wrote nothing, the directory is left as
         it was found (a directory this run created is removed again)."""
@@ -114,8 +151,11 @@ class RunDirectory:
         handle, self._lock_file = self._lock_file, None
         with contextlib.suppress(OSError):
             os.ftruncate(handle, 0)  # an empty lock file: nobody holds it, nobody was killed holding it
-        nothing_written = failed and [entry.name for entry in self.path.iterdir()] == [LOCK_NAME]
-        if nothing_written and self._created_lock:
+        try:
+            nothing_written = failed and {entry.name for entry in self.path.iterdir()} <= self._found | {LOCK_NAME}
+        except OSError:  # the directory is gone
+            nothing_written = False
+        if nothing_written and self._created_lock and _same_file(handle, self.path / LOCK_NAME):
             with contextlib.suppress(OSError):
                 (self.path / LOCK_NAME).unlink()
         fcntl.flock(handle, fcntl.LOCK_UN)
@@ -131,11 +171,40 @@ class RunDirectory:
         self.release(failed=kind is not None)
 
     def _check_writable(self) -> None:
-        try:
-            with tempfile.NamedTemporaryFile(dir=self.path, prefix=".write-test-", suffix=".tmp"):
-                pass
-        except OSError as exc:
-            raise self._unwritable(exc) from None
+        """Checks the directory, and what a resumed run writes into of what is there (its log, the
+        stage directories), can be written, and that none of the run's files is a directory or the
+        other way round (an unreadable checkpoint.pt aside, which a resume sets aside)."""
+        for name in (PREVIOUS_NAME, LOG_NAME, STUDENT_NAME):
+            if (self.path / name).is_dir():
+                raise RunDirectoryError(f"{self.path / name} is a directory where the run keeps a file; remove it or "
+                                        "choose another output_dir")
+        if (self.path / STAGES_NAME).exists() and not (self.path / STAGES_NAME).is_dir():
+            raise RunDirectoryError(f"{self.path / STAGES_NAME} is not a directory; remove it or choose another "
+                                    "output_dir")
+        for directory in [self.path, *(p for p in self.path.glob(f"{STAGES_NAME}/*") if p.is_dir())]:
+            try:
+                with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-", suffix=".tmp"):
+                    pass
+            except OSError as exc:
+                if directory == self.path:
+                    raise self._unwritable(exc) from None
+                raise RunDirectoryError(f"{directory} is not writable ({exc.strerror or exc}); fix its permissions "
+                                        "or choose another output_dir") from None
+        if self.log_path.is_file():
+            try:
+                with open(self.log_path, "r+b"):
+                    pass
+            except OSError as exc:
+                raise RunDirectoryError(f"{self.log_path} is not writable ({exc.strerror or exc}); fix its "
+                                        "permissions or choose another output_dir") from None
+
+    def _bad_lock_file(self, exc: OSError | None) -> RunDirectoryError:
+        lock_path = self.path / LOCK_NAME
+        if lock_path.is_file():
+            return RunDirectoryError(f"{lock_path} cannot be opened for writing ({exc.strerror or exc}); fix its "
+                                     "permissions or choose another output_dir")
+        return RunDirectoryError(f"{lock_path} is not a regular file; remove it (kdcore creates it) or choose "
+                                 "another output_dir")
 
     def _unwritable(self, exc: OSError) -> RunDirectoryError:
         return RunDirectoryError(f"output_dir {self.path} is not writable ({exc.strerror or exc}); fix its "
@@ -169,15 +238,32 @@ class RunDirectory:
                 problems.append(f"{path} does not exist")
                 continue
             try:
-                saved = read_checkpoint(path)
+                saved = read_checkpoint(path, CHECKPOINT_KEYS)
             except RunDirectoryError as exc:
                 problems.append(str(exc))
                 continue
             if path != self.checkpoint_path:
-                warnings.warn(f"{problems[0]}; resuming from the checkpoint before it, {path}", RuntimeWarning,
-                              stacklevel=2)
+                warnings.warn(f"{problems[0]}; resuming from the checkpoint before it, {path}"
+                              f"{self._set_aside_latest()}", RuntimeWarning, stacklevel=3)
             return path, saved
         raise RunDirectoryError(f"cannot resume {self.path}: " + "; ".join(problems))
+
+    def _set_aside_latest(self) -> str:
+        """Moves an unreadable ``checkpoint.pt`` out of the way of the resumed run, whose next
+        checkpoint write would otherwise keep it as ``checkpoint.previous.pt`` in place of the one
+        the run resumes from (a kill during that write would then leave no readable checkpoint).
+        Returns a note for the warning."""
+        if not os.path.lexists(self.checkpoint_path):
+            return ""
+        aside = self.path / UNREADABLE_NAME
+        try:
+            if aside.is_dir() and not aside.is_symlink():
+                shutil.rmtree(aside)
+            os.replace(self.checkpoint_path, aside)
+        except OSError as exc:
+            raise RunDirectoryError(f"{self.checkpoint_path} is unreadable and cannot be moved aside to {aside} "
+                                    f"({exc.strerror or exc}); move it away and resume again") from None
+        return f" (the unreadable file is kept as {aside})"
 
     def resume_point(self) -> tuple[Path, dict[str, Any]] | None:
         """What ``--resume`` continues from: :meth:`latest_checkpoint`, or None for a run that
@@ -197,8 +283,13 @@ class RunDirectory:
     def save_checkpoint(self, state: dict[str, Any]) -> None:
         """Writes ``state`` as the latest checkpoint, keeping the one it replaces as the previous.
         ``checkpoint.pt`` exists at every moment: the previous one is a hard link (or a copy)."""
-        if self.checkpoint_path.exists():
+        self.check_held()
+        # a write killed after the previous one was linked leaves both names on one file: nothing to keep then
+        # (and renaming one link of a file over another is a no-op that would leave the temporary link behind)
+        if self.checkpoint_path.exists() and not _same_path(self.checkpoint_path, self.previous_path):
             kept = self.path / f".{PREVIOUS_NAME}.{os.getpid()}.tmp"
+            with contextlib.suppress(FileNotFoundError):
+                kept.unlink()
             try:
                 os.link(self.checkpoint_path, kept)
             except OSError:  # a filesystem without hard links
@@ -216,9 +307,10 @@ class RunDirectory:
                 "was cut or replaced since; restore it, or start a new run in another output_dir")
 
 
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    """Reads a checkpoint (``weights_only``: plain data only); a file that is not one raises
-    :class:`RunDirectoryError` saying what is wrong with it."""
+def read_checkpoint(path: Path, required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Reads a checkpoint (``weights_only``: plain data only); a file that is not one (or, at
+    version 1, lacks a key of ``required``) raises :class:`RunDirectoryError` saying what is wrong
+    with it."""
     if path.stat().st_size == 0:
         raise RunDirectoryError(f"{path} is empty")
     try:
@@ -234,6 +326,9 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         raise RunDirectoryError(f"{path} is truncated or not a checkpoint{detail}") from None
     if not isinstance(saved, dict) or "version" not in saved:
         raise RunDirectoryError(f"{path} is not a kdcore checkpoint (no version record)")
+    missing = [key for key in required if key not in saved]
+    if missing and saved["version"] == 1:
+        raise RunDirectoryError(f"{path} is not a kdcore checkpoint (it has no {', '.join(missing)})")
     return saved
 
 
@@ -243,6 +338,48 @@ def _write_holder(handle: int) -> None:
     os.ftruncate(handle, 0)
     os.pwrite(handle, json.dumps(record).encode(), 0)
     os.fsync(handle)
+
+
+def _read_live_holder(handle: int) -> dict[str, Any] | None:
+    """The holder record of a lock another process holds. That process writes its record just
+    after taking the lock, so a record read at that moment may still be empty or name the dead run
+    it took over from: it is read after a moment, and again while it is empty or names a process of
+    this host that no longer runs."""
+    holder = None
+    for _ in range(50):
+        time.sleep(0.01)
+        holder = _read_holder(handle)
+        if holder and "pid" in holder and not _dead_here(holder):
+            break
+    return holder
+
+
+def _dead_here(holder: dict[str, Any]) -> bool:
+    """Whether ``holder`` names a process of this host that no longer runs."""
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def _same_path(first: Path, second: Path) -> bool:
+    try:
+        return os.path.samefile(first, second)
+    except OSError:
+        return False
+
+
+def _same_file(handle: int, path: Path) -> bool:
+    """Whether the open file ``handle`` is the file at ``path``."""
+    try:
+        return os.path.samestat(os.fstat(handle), os.stat(path))
+    except OSError:
+        return False
 
 
 def _read_holder(handle: int) -> dict[str, Any] | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,12 @@ from tqdm.auto import tqdm
 
 
 class RunLog:
-    def __init__(self, path: Path, *, enabled: bool, console: bool = True) -> None:
+    def __init__(self, path: Path, *, enabled: bool, console: bool = True,
+                 guard: Callable[[], None] | None = None) -> None:
+        """``guard`` is called before each write and raises when the run may no longer write
+        (its output directory's lock was lost)."""
         self.path, self.enabled, self.console = path, enabled, console
+        self.guard = guard or (lambda: None)
 
     def offset(self) -> int:
         """The log's current length in bytes (what a checkpoint remembers)."""
@@ -29,12 +34,14 @@ class RunLog:
     def truncate(self, offset: int) -> None:
         """Drops every event written after ``offset`` (those of the work a resume redoes)."""
         if self.enabled and self.path.exists():
+            self.guard()
             with open(self.path, "r+b") as handle:
                 handle.truncate(offset)
 
     def event(self, event: str, **fields: Any) -> None:
         if not self.enabled:
             return
+        self.guard()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as handle:
             handle.write(json.dumps({"event": event, **fields}) + "\n")
