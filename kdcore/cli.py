@@ -2,9 +2,10 @@
 ``demo``, ``plugins``, ``bench``.
 
 Errors a user can fix (a bad config, a missing file, a busy or already used output directory)
-print one line naming the problem and exit with status 2. An exception in a plugin's code prints
-which plugin raised where, with the traceback of the plugin's frames, and exits with status 1;
-anything else is a bug and keeps its traceback.
+print one line naming the problem and exit with status 2. A loss that stops being finite prints
+its one line and exits with status 1, as does an exception in a plugin's code, which also prints
+which plugin raised where and the traceback of the plugin's frames; anything else is a bug and
+keeps its traceback.
 
 The parser is built without importing torch (``kdcore --help`` answers at once); each command
 imports what it needs when it runs.
@@ -233,6 +234,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, CacheError, RunDirectoryError, FileExistsError, FileNotFoundError, _UsageError) as exc:
         print(f"kdcore {args.command}: {exc}", file=sys.stderr)
         return 2
+    except FloatingPointError as exc:  # a loss that is not finite: the message says what to know, the traceback nothing
+        print(f"kdcore {args.command}: {exc}", file=sys.stderr)
+        return 1
     except plugins.PluginFault as fault:
         print(f"kdcore {args.command}: {fault}", file=sys.stderr)
         print(_plugin_traceback(fault.__cause__), end="", file=sys.stderr)

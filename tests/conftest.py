@@ -16,12 +16,18 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 TEST_DEVICE = os.environ.get("KDCORE_TEST_DEVICE", "cpu")
+# Inductor's compile cache does not key its C++ on ATEN_CPU_CAPABILITY: code cached by a run under
+# one capability fails to build under another (`at::vec` undeclared). One cache per capability.
+if "ATEN_CPU_CAPABILITY" in os.environ:
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
+        tempfile.gettempdir(), f"torchinductor-{os.environ['ATEN_CPU_CAPABILITY']}-{os.getuid()}"))
 if TEST_DEVICE == "cpu" and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 if TEST_DEVICE != "cpu":

@@ -225,7 +225,8 @@ def test_resume_of_a_run_stopped_before_its_first_checkpoint_starts_over(tmp_pat
                          callbacks=[AtStep(2, lambda: (_ for _ in ()).throw(KeyboardInterrupt))]).fit()
     assert not (directory / "checkpoint.pt").exists() and (directory / "metrics.jsonl").exists()
     assert kdcore.Distiller(config_for(directory, teacher)).fit(resume=True) == reference
-    assert "has no checkpoint yet: the run starts over" in capsys.readouterr().out
+    assert "holds no checkpoint (the run stopped before its first one, or it was deleted): the run starts over" \
+        in capsys.readouterr().out
     ref_log = (tmp_path / "reference" / "metrics.jsonl").read_text().splitlines()
     log = (directory / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["event"] for x in log] == [json.loads(x)["event"] for x in ref_log]

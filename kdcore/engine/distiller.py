@@ -136,7 +136,8 @@ class Distiller:
         first_stage, stage_state = 0, None
         if saved is None and resume:
             log.truncate(0)  # the events of an attempt that stopped before its first checkpoint
-            log.say(f"{self.output_dir} has no checkpoint yet: the run starts over")
+            log.say(f"{self.output_dir} holds no checkpoint (the run stopped before its first one, or it was "
+                    "deleted): the run starts over")
         if saved is not None:
             log.truncate(saved["log_offset"])  # events of work done after the checkpoint, redone now
             first_stage, stage_state = saved["stage"], saved["stage_state"]
@@ -191,7 +192,7 @@ class Distiller:
     def _check_resumable(self, saved: Mapping[str, Any], path: Path) -> None:
         if saved.get("version") != CHECKPOINT_VERSION:
             raise RunDirectoryError(f"{path} was written by an incompatible kdcore "
-                             f"(checkpoint version {saved.get('version')}, expected {CHECKPOINT_VERSION})")
+                                    f"(checkpoint version {saved.get('version')}, expected {CHECKPOINT_VERSION})")
         differences = [key for key in _differences(saved["config"], self.config.model_dump(mode="json"))
                        if key.split(".")[0] not in RESUME_MAY_CHANGE]
         if differences:

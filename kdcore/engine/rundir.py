@@ -322,6 +322,7 @@ def read_checkpoint(path: Path, required: tuple[str, ...] = ()) -> dict[str, Any
                                     "contains, so it was not loaded)") from None
         # the first line of torch's message, unless it is its advice about weights_only (never right here)
         reason = message.strip().splitlines()[0] if message.strip() else type(exc).__name__
+        reason = reason.split(". ")[0]  # torch's first sentence names the problem; the rest is general advice
         detail = "" if "weights_only" in reason or "Weights only" in reason else f" ({reason})"
         raise RunDirectoryError(f"{path} is truncated or not a checkpoint{detail}") from None
     if not isinstance(saved, dict) or "version" not in saved:
