@@ -1,5 +1,6 @@
 """Measurement helpers shared by the benchmarks: timing quantiles, peak extra memory, the
-machine's copy bandwidth, and one JSON line per result.
+machine's copy bandwidth, the torch.compile peer and the check that it ran compiled, and one JSON
+line per result.
 
 Benchmarks print results; they assert nothing about time and write no files unless asked.
 """
@@ -11,10 +12,14 @@ import math
 import statistics
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
+from torch._dynamo.utils import counters
+
+COMPILE_PEER = "torch-compile"
 
 
 @dataclass
@@ -141,24 +146,59 @@ class Result:
         print(json.dumps(asdict(self)), file=stream, flush=True)
 
 
+def compile_peer(fn: Callable) -> Callable:
+    """``torch.compile(fn)`` for one problem, compiled from scratch: dynamo's caches are reset
+    first. Dynamo counts every compilation of a code object -- each divergence, shape and dtype
+    is one -- towards its recompile limit (8) and past it silently runs the function eagerly, so
+    one peer compiled across many problems would report eager figures as compiled ones."""
+    torch._dynamo.reset()
+    return torch.compile(fn)
+
+
+def _dynamo_counts() -> dict[str, Counter]:
+    """A copy of the dynamo counters that tell whether a call ran compiled."""
+    return {group: Counter(counters[group]) for group in ("frames", "stats", "graph_break", "unimplemented")}
+
+
+def compile_fallback(before: dict[str, Counter], after: dict[str, Counter]) -> str | None:
+    """Why the compiled peer ran (part of) its loss eagerly between two :func:`_dynamo_counts`,
+    or None when dynamo compiled every frame it met into a graph with no graph break. A frame
+    dynamo gives up on (recompile limit, an unsupported construct, a compiler error it
+    suppressed) or skips without a word runs eagerly, so an unchanged count is a fallback too."""
+    new = {group: after[group] - before[group] for group in after}
+    if new["graph_break"]:
+        return "graph break: " + next(iter(new["graph_break"])).splitlines()[0][:200]
+    if new["unimplemented"]:
+        return next(iter(new["unimplemented"])).splitlines()[0][:200]
+    if new["frames"]["ok"] < new["frames"]["total"]:
+        return f"{new['frames']['total'] - new['frames']['ok']} of {new['frames']['total']} frames not compiled"
+    if not new["stats"]["unique_graphs"]:
+        return "no graph compiled"
+    return None
+
+
 def measure(steps: dict[str, Callable[[], torch.Tensor]], device: torch.device, *, reset: Callable[[], None],
             budget_s: float, max_reps: int, slow: tuple[str, ...] = ()) -> dict[str, tuple]:
-    """Times each step (forward + backward, returning the loss), measures its peak extra memory
-    and keeps its loss: name -> (Timing, extra bytes, loss), or (None, None, "failed: ...") for a
-    step that raised (a peer failing is a result, not a crash). ``reset`` drops the gradients the
-    last timed step left, so the memory measurement starts from the inputs alone. ``slow`` names
-    get 30 % of the budget."""
+    """Times each step (forward + backward, returning the loss) after an untimed warm-up call
+    (which compiles the compiled peer), measures its peak extra memory and keeps its loss:
+    name -> (Timing, extra bytes, loss, note), the note saying why the :data:`COMPILE_PEER` step
+    did not run compiled (see :func:`compile_fallback`), or (None, None, None, "failed: ...") for
+    a step that raised (a peer failing is a result, not a crash). ``reset`` drops the gradients
+    the last timed step left, so the memory measurement starts from the inputs alone. ``slow``
+    names get 30 % of the budget."""
     measured = {}
     for name, step in steps.items():
+        before = _dynamo_counts()
         try:
             timing = time_fn(step, device, budget_s=budget_s * (0.3 if name in slow else 1.0), max_reps=max_reps)
             reset()
             extra = peak_extra_bytes(step, device)
             loss = float(step().detach())
         except (RuntimeError, TypeError, torch.OutOfMemoryError) as exc:
-            measured[name] = (None, None, f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+            measured[name] = (None, None, None, f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
             continue
-        measured[name] = (timing, extra, loss)
+        fallback = compile_fallback(before, _dynamo_counts()) if name == COMPILE_PEER else None
+        measured[name] = (timing, extra, loss, fallback and f"{COMPILE_PEER} fell back to eager: {fallback}")
     return measured
 
 
@@ -181,19 +221,19 @@ def measure_student_losses(losses: dict[str, Callable[[torch.Tensor], torch.Tens
 
 def results(benchmark: str, measured: dict[str, tuple], problem: dict, device: torch.device, limit_ms: float,
             limit: str) -> list[Result]:
-    """One Result per measured implementation, each with its peers' medians; a loss that differs
-    from kdcore's by more than 1 % is noted."""
+    """One Result per measured implementation, each with the medians of its peers that ran as
+    named (a compiled peer that fell back to eager is no peer: its own row carries the note); a
+    loss that differs from kdcore's by more than 1 % is noted."""
     out = []
     reference = next((m[2] for k, m in measured.items() if k.startswith("kdcore-") and m[0]), None)
-    for name, (timing, extra, loss) in measured.items():
-        peers = {k: round(m[0].median_ms, 4) for k, m in measured.items() if k != name and m[0]}
+    for name, (timing, extra, loss, note) in measured.items():
+        peers = {k: round(m[0].median_ms, 4) for k, m in measured.items() if k != name and m[0] and not m[3]}
         if timing is None:
             out.append(Result(benchmark, name, problem, device_name(device), math.nan, math.nan, math.nan, None,
-                              round(limit_ms, 4), 0.0, limit, peers, loss))
+                              round(limit_ms, 4), 0.0, limit, peers, note))
             continue
-        note = None
         if reference is not None and abs(loss - reference) > 1e-2 * max(1.0, abs(reference)):
-            note = f"loss {loss:.6g} differs from kdcore's {reference:.6g}"
+            note = "; ".join(filter(None, [note, f"loss {loss:.6g} differs from kdcore's {reference:.6g}"]))
         out.append(Result(benchmark, name, problem, device_name(device), round(timing.median_ms, 4),
                           round(timing.p20_ms, 4), round(timing.p80_ms, 4), extra, round(limit_ms, 4),
                           round(limit_ms / timing.median_ms, 4), limit, peers, note))

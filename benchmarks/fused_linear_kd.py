@@ -20,7 +20,16 @@ from collections.abc import Callable
 import torch
 
 import kdcore
-from benchmarks.common import Result, add_common_arguments, measure, problems_for, results, time_fn
+from benchmarks.common import (
+    COMPILE_PEER,
+    Result,
+    add_common_arguments,
+    compile_peer,
+    measure,
+    problems_for,
+    results,
+    time_fn,
+)
 from benchmarks.kd_loss import eager_loss
 
 PROBLEMS = {  # dtype:N x Hs x Ht x V
@@ -77,7 +86,7 @@ def implementations(device: torch.device, args) -> dict[str, Callable]:
         if status.available and (device.type in status.devices or "*" in status.devices) and name != "reference":
             impls[f"kdcore-{name}"] = kdcore_impl(name)
     impls["torch-eager"] = eager
-    impls["torch-compile"] = torch.compile(eager)
+    impls[COMPILE_PEER] = compile_peer(eager)
     if device.type == "cuda" and args.divergence == "jsd":
         impls.update(liger_losses(args.temperature, args.beta))
     if args.impls:

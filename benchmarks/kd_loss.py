@@ -21,8 +21,10 @@ import torch.nn.functional as F
 
 import kdcore
 from benchmarks.common import (
+    COMPILE_PEER,
     Result,
     add_common_arguments,
+    compile_peer,
     copy_bandwidth_gbs,
     measure_student_losses,
     problems_for,
@@ -101,7 +103,7 @@ def implementations(divergence: str, device: torch.device, args) -> dict[str, Ca
         if status.available and (device.type in status.devices or "*" in status.devices):
             impls[f"kdcore-{name}"] = kdcore_impl(name)
     impls["torch-eager"] = eager
-    impls["torch-compile"] = torch.compile(eager)
+    impls[COMPILE_PEER] = compile_peer(eager)
     if device.type == "cuda":
         impls.update(liger_losses(divergence, args.temperature, args.beta))
     if args.impls:

@@ -19,7 +19,15 @@ import torch
 import torch.nn.functional as F
 
 import kdcore
-from benchmarks.common import add_common_arguments, copy_bandwidth_gbs, measure_student_losses, problems_for, results
+from benchmarks.common import (
+    COMPILE_PEER,
+    add_common_arguments,
+    compile_peer,
+    copy_bandwidth_gbs,
+    measure_student_losses,
+    problems_for,
+    results,
+)
 
 PROBLEMS = {
     "cpu": ["float32:512x32000:128", "bfloat16:512x128256:128"],
@@ -75,7 +83,7 @@ def run_problem(spec: str, device: torch.device, bandwidth: float, args):
             impls[f"kdcore-{name}"] = (lambda s, name=name: kdcore.kd_loss(
                 s, teacher, sparse_mode=args.sparse_mode, temperature=args.temperature, backend=name))
     impls["torch-eager"] = eager
-    impls["torch-compile"] = torch.compile(eager)
+    impls[COMPILE_PEER] = compile_peer(eager)
     if args.impls:
         impls = {key: fn for key, fn in impls.items() if any(sel in key for sel in args.impls.split(","))}
     measured = measure_student_losses(impls, student, device, args)
