@@ -101,3 +101,22 @@ def test_thirty_two_process_launches_exit_cleanly(tmp_path):
         if done.returncode != 0:
             failures.append((launch, done.stderr[-1500:]))
     assert not failures, f"{len(failures)} of 30 launches failed; the first: {failures[0]}"
+
+
+def test_every_rank_stops_on_a_busy_directory(tmp_path):
+    """Rank 0 holds the directory's lock for the run; when it cannot take it, every rank stops
+    with the message (none waits in a collective for a rank that left)."""
+    from kdcore.engine.rundir import RunDirectory
+
+    config = classification_config(tmp_path / "run", method={"name": "supervised"}, training={"epochs": 1})
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
+    with RunDirectory(tmp_path / "run") as held:
+        held.acquire()
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                               "-m", "kdcore", "distill", str(path)], env=env, capture_output=True, text=True,
+                              timeout=300)
+    assert done.returncode != 0
+    assert done.stderr.count(f"is in use by another run (pid {os.getpid()} on host") == 2  # both ranks say it
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]

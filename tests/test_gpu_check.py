@@ -1,4 +1,4 @@
-"""tools/gpu_check.sh, the one command a session with a GPU runs: valid bash, and its dry run names
+"""tools/gpu_check.sh, the one command to run on a machine with a GPU: valid bash, and its dry run names
 every step (build, the CUDA tests, the three benchmarks) without running any."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """A run's output directory: one run at a time, never overwritten, a checkpoint that survives a bad
 write, failures before the first step rather than after; the fault cases a user meets (a busy
-directory, a deleted or corrupt checkpoint, a short log, a read-only directory, a kill midway)."""
+directory, a deleted, corrupt or replaced file, a short log, a read-only directory, a kill midway)."""
 
 from __future__ import annotations
 
@@ -16,10 +16,9 @@ import torch
 import yaml
 
 import kdcore
-from engine_helpers import CLASSES, FEATURES, classification_config, mlp
+from engine_helpers import FEATURES, classification_config, mlp
 from kdcore import cli
 from kdcore.engine import rundir
-from kdcore.engine.config import ConfigError
 from kdcore.engine.rundir import RunDirectory, RunDirectoryError
 
 
@@ -44,7 +43,7 @@ def run_files(directory: Path) -> dict[str, bytes]:
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-# -- one run at a time ------------------------------------------------------------------------------
+# -- one run at a time -----------------------------------------------------------------------------
 
 
 def test_a_second_run_or_resume_into_a_busy_directory_stops_at_once(tmp_path, teacher, capsys):
@@ -101,7 +100,47 @@ def test_the_lock_is_held_by_the_kernel_not_the_file(tmp_path):
     second.release()
 
 
-# -- never overwritten ------------------------------------------------------------------------------
+def test_a_busy_message_names_the_new_holder_not_the_dead_one(tmp_path):
+    """The holder writes its record just after taking the lock; a run refused in that moment
+    names it, not the killed run whose record is still there."""
+    import subprocess
+    import threading
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / ".lock").write_text(json.dumps({"pid": dead.pid, "host": rundir.socket.gethostname(),
+                                                "started": "earlier"}))
+    handle = os.open(tmp_path / ".lock", os.O_RDWR)
+    rundir.fcntl.flock(handle, rundir.fcntl.LOCK_EX | rundir.fcntl.LOCK_NB)  # a run that has not written its record
+    writer = threading.Timer(0.1, rundir._write_holder, [handle])
+    writer.start()
+    try:
+        with pytest.raises(RunDirectoryError, match=f"in use by another run \\(pid {os.getpid()} on host"):
+            RunDirectory(tmp_path).acquire()
+    finally:
+        writer.join()
+        os.close(handle)
+
+
+def test_a_run_whose_lock_file_was_removed_stops_before_writing_again(tmp_path, teacher):
+    """Removing .lock lets a second run take a new one: the first stops at its next write."""
+    directory = tmp_path / "run"
+    config = config_for(directory, teacher)
+    intruder = RunDirectory(directory)
+
+    def remove_and_retake():
+        (directory / ".lock").unlink()
+        intruder.acquire()
+
+    with pytest.raises(RunDirectoryError, match=r"\.lock was removed or replaced while this run held it, so another "
+                                                r"run may be using"):
+        kdcore.Distiller(config, callbacks=[AtStep(3, remove_and_retake)], console=False).fit()
+    assert json.loads((directory / ".lock").read_text())["pid"] == os.getpid()  # the intruder's lock is left alone
+    events = [json.loads(line)["event"] for line in (directory / "metrics.jsonl").read_text().splitlines()]
+    assert events.count("step") == 3  # steps 0-2: the event of step 3 comes after its hook took the lock away
+    intruder.release()
+
+
+# -- never overwritten -----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("removed", ["checkpoint.pt", "checkpoint.pt+checkpoint.previous.pt", "student.pt"])
@@ -150,7 +189,7 @@ def test_a_write_killed_after_linking_the_previous_leaves_nothing_behind_later(t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.previous.pt", "checkpoint.pt"]
 
 
-# -- unreadable checkpoints -------------------------------------------------------------------------
+# -- unreadable checkpoints ------------------------------------------------------------------------
 
 
 def _spoil(path: Path, how: str) -> None:
@@ -193,6 +232,42 @@ def test_no_readable_checkpoint_is_a_clear_error(tmp_path, teacher, capsys, how,
     assert "weights_only" not in err and "Traceback" not in err and len(err.splitlines()) == 1
 
 
+def test_a_checkpoint_without_a_runs_records_falls_back_to_the_previous(tmp_path, teacher):
+    directory = tmp_path / "run"
+    config = config_for(directory, teacher)
+    kdcore.Distiller(config, console=False).fit()
+    torch.save({"version": 1}, directory / "checkpoint.pt")
+    with pytest.warns(RuntimeWarning, match=r"checkpoint.pt is not a kdcore checkpoint \(it has no config, stage"):
+        kdcore.Distiller(config, console=False).fit(resume=True)
+
+
+def test_after_a_fallback_a_kill_during_the_next_write_still_leaves_a_checkpoint(tmp_path, teacher, monkeypatch):
+    """Resuming from checkpoint.previous.pt sets the unreadable checkpoint.pt aside, so the next
+    write does not keep the unreadable file as the previous one in place of the readable one."""
+    directory = tmp_path / "run"
+    reference = kdcore.Distiller(config_for(tmp_path / "reference", teacher), console=False).fit()
+    config = config_for(directory, teacher, checkpoint={"every_steps": 4})
+    with pytest.raises(KeyboardInterrupt):
+        kdcore.Distiller(config, callbacks=[AtStep(13, lambda: (_ for _ in ()).throw(KeyboardInterrupt))],
+                         console=False).fit()
+    _spoil(directory / "checkpoint.pt", "garbage")
+    save = rundir.checkpoint.save_atomic
+
+    def killed_writing_the_checkpoint(obj, path):
+        if Path(path).name == "checkpoint.pt":
+            raise KeyboardInterrupt
+        save(obj, path)
+
+    monkeypatch.setattr(rundir.checkpoint, "save_atomic", killed_writing_the_checkpoint)
+    with pytest.warns(RuntimeWarning, match="the unreadable file is kept as .*checkpoint.unreadable.pt"), \
+            pytest.raises(KeyboardInterrupt):
+        kdcore.Distiller(config, console=False).fit(resume=True)
+    monkeypatch.setattr(rundir.checkpoint, "save_atomic", save)
+    assert (directory / "checkpoint.unreadable.pt").read_bytes() == b"not a checkpoint\n" * 100
+    with pytest.warns(RuntimeWarning, match="checkpoint.pt does not exist; resuming from the checkpoint before it"):
+        assert kdcore.Distiller(config, console=False).fit(resume=True) == reference
+
+
 def test_temporary_files_of_a_killed_write_are_removed_at_start(tmp_path, teacher):
     directory = tmp_path / "run"
     kdcore.Distiller(config_for(directory, teacher), console=False).fit()
@@ -203,7 +278,7 @@ def test_temporary_files_of_a_killed_write_are_removed_at_start(tmp_path, teache
     assert not any(leftover.exists() for leftover in leftovers)
 
 
-# -- the log ----------------------------------------------------------------------------------------
+# -- the log and resume ----------------------------------------------------------------------------
 
 
 def test_a_log_shorter_than_the_checkpoint_says_is_an_error_not_padding(tmp_path, teacher):
@@ -232,7 +307,22 @@ def test_resume_of_a_run_stopped_before_its_first_checkpoint_starts_over(tmp_pat
     assert [json.loads(x)["event"] for x in log] == [json.loads(x)["event"] for x in ref_log]
 
 
-# -- failing before the first step ------------------------------------------------------------------
+def test_teacher_metrics_survive_a_resume_with_the_options_in_another_order(tmp_path, teacher):
+    """A config written as YAML has its keys sorted, one given as a dict keeps their order: the
+    teachers' metrics a checkpoint keeps must be found either way."""
+    reference = kdcore.Distiller(config_for(tmp_path / "reference", teacher), console=False).fit()
+    config = config_for(tmp_path / "run", teacher, checkpoint={"every_steps": 2})
+    with pytest.raises(KeyboardInterrupt):
+        kdcore.Distiller(config, callbacks=[AtStep(11, lambda: (_ for _ in ()).throw(KeyboardInterrupt))],
+                         console=False).fit()
+    options = config["teachers"][0]["options"]
+    config["teachers"][0]["options"] = dict(reversed(list(options.items())))
+    assert kdcore.Distiller(config, console=False).fit(resume=True) == reference
+    events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all("teacher_accuracy" in event for event in events if event["event"] == "eval")
+
+
+# -- failing before the first step, and what a failed run leaves -----------------------------------
 
 
 @contextlib.contextmanager
@@ -272,227 +362,6 @@ def test_a_read_only_directory_fails_before_the_first_step(exists):
             if path.exists():
                 path.chmod(0o755)
         shutil.rmtree(parent)
-
-
-def test_nan_stop_says_whether_a_checkpoint_exists(tmp_path):
-    config = classification_config(tmp_path, method={"name": "test_distiller:NanAtStep3"},
-                                   checkpoint={"every_steps": 2})
-    with pytest.raises(FloatingPointError, match=f"the last checkpoint \\({tmp_path / 'checkpoint.pt'}\\) is intact"):
-        kdcore.Distiller(config, console=False).fit()
-
-
-def test_the_final_student_is_written_only_when_the_last_stage_ends(tmp_path, teacher):
-    config = classification_config(tmp_path, method={"name": "takd", "assistants": [mlp([32])]}, teachers=[teacher],
-                                   training={"epochs": 1})
-
-    class StopAfterFirstStage:
-        @kdcore.hookimpl
-        def kdcore_stage_start(self, stage):
-            if stage.name == "student":
-                raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        kdcore.Distiller(config, callbacks=[StopAfterFirstStage()], console=False).fit()
-    assert (tmp_path / "stages" / "0-assistant1" / "student.pt").exists()
-    assert not (tmp_path / "student.pt").exists()
-    kdcore.Distiller(config, console=False).fit(resume=True)
-    final = torch.load(tmp_path / "student.pt", weights_only=True)
-    assert final["body.0.weight"].shape == (16, FEATURES)  # the student, not the 32-wide assistant
-
-
-@pytest.mark.parametrize("student, teacher_classes, message", [
-    ({"in_features": FEATURES + 1}, CLASSES,
-     rf"student: model 'mlp' fails on a batch of data.dataset 'synthetic_classification' \(inputs float32\[2, "
-     rf"{FEATURES}\]\): .*; student.options.in_features is {FEATURES + 1} but the inputs have {FEATURES} features: "
-     rf"set student.options.in_features={FEATURES}"),
-    ({"num_classes": CLASSES - 1}, CLASSES - 1,
-     rf"student outputs {CLASSES - 1} classes \(student.options.num_classes\), but data.dataset "
-     rf"'synthetic_classification' has labels up to {CLASSES - 1}: the student needs at least {CLASSES}"),
-    ({"num_classes": CLASSES + 1}, CLASSES,
-     rf"student outputs {CLASSES + 1} classes \(student.options.num_classes\) but teachers.0 outputs {CLASSES} "
-     r"classes \(teachers.0.options.num_classes\); the student is distilled from"),
-])
-def test_models_that_do_not_fit_fail_before_anything_is_written(tmp_path, teacher, capsys, student, teacher_classes,
-                                                                message):
-    spec = mlp([16])
-    spec["options"].update(student)
-    teacher_spec = {**teacher, "options": {**teacher["options"], "num_classes": teacher_classes}}
-    if teacher_classes != CLASSES:  # an untrained teacher of another class count
-        teacher_spec.pop("checkpoint")
-        teacher_spec["pretrained"] = True
-    directory = tmp_path / "run"
-    config = classification_config(directory, method={"name": "response_kd"}, teachers=[teacher_spec], student=spec)
-    with pytest.raises(ConfigError, match=message):
-        kdcore.Distiller(config, console=False).fit()
-    assert not directory.exists()
-    directory.mkdir()
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(config))
-    assert cli.main(["distill", str(path)]) == 2
-    assert "Traceback" not in capsys.readouterr().err
-    assert list(directory.iterdir()) == []  # a directory that existed is left as it was, empty
-
-
-# -- plugin faults ----------------------------------------------------------------------------------
-
-
-class FaultyHooks:
-    """A plugin whose epoch hook fails."""
-
-    @kdcore.hookimpl
-    def kdcore_epoch_end(self, epoch):
-        raise RuntimeError(f"the plugin broke at epoch {epoch}")
-
-
-class BrokenLosses(kdcore.Method):
-    def losses(self, batch, outputs, ctx):
-        return {"kd": outputs.student.sum() * (1 / 0)}
-
-
-class BrokenMethodPlugin:
-    @kdcore.hookimpl
-    def kdcore_register_methods(self, register):
-        register("broken_losses", BrokenLosses)
-
-
-@pytest.fixture
-def registered():
-    host = kdcore.plugins.host()
-    names = []
-
-    def register(obj, name):
-        host.register(obj, name, package="kdcore-faulty", version="1.2")
-        names.append(name)
-
-    yield register
-    for name in names:
-        host.unregister(name)
-
-
-def test_a_failing_hook_names_its_plugin(tmp_path, registered, capsys):
-    registered(FaultyHooks(), "faulty")
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(classification_config(tmp_path / "run", method={"name": "supervised"})))
-    assert cli.main(["distill", str(path)]) == 1
-    err = capsys.readouterr().err.splitlines()
-    assert err[0] == ("kdcore distill: plugin 'faulty' (kdcore-faulty 1.2) raised in kdcore_epoch_end: RuntimeError: "
-                      "the plugin broke at epoch 0")
-    assert err[1] == "Traceback (the plugin's frames):"
-    assert "test_run_directory.py" in err[2] and "kdcore/engine" not in "\n".join(err)
-    assert err[-2] == "RuntimeError: the plugin broke at epoch 0"
-    assert err[-1] == "(to run without this plugin: kdcore --disable-plugin faulty distill ...)"
-
-
-def test_a_failing_method_names_its_plugin(tmp_path, registered):
-    registered(BrokenMethodPlugin(), "broken")
-    config = classification_config(tmp_path / "run", method={"name": "broken_losses"})
-    with pytest.raises(kdcore.plugins.PluginFault, match=r"^plugin 'broken' \(kdcore-faulty 1.2\) \(method "
-                                                         r"'broken_losses'\) raised in losses: ZeroDivisionError") as caught:
-        kdcore.Distiller(config, console=False).fit()
-    assert isinstance(caught.value.__cause__, ZeroDivisionError) and caught.value.name == "broken"
-
-
-def test_a_callback_object_of_the_caller_raises_unchanged(tmp_path):
-    class Mine(Exception):
-        pass
-
-    with pytest.raises(Mine):
-        kdcore.Distiller(classification_config(tmp_path, method={"name": "supervised"}), console=False,
-                         callbacks=[AtStep(0, lambda: (_ for _ in ()).throw(Mine()))]).fit()
-
-
-# -- found by fault injection -----------------------------------------------------------------------
-
-
-def test_after_a_fallback_a_kill_during_the_next_write_still_leaves_a_checkpoint(tmp_path, teacher, monkeypatch):
-    """Resuming from checkpoint.previous.pt sets the unreadable checkpoint.pt aside, so the next
-    write does not keep the unreadable file as the previous one in place of the readable one."""
-    directory = tmp_path / "run"
-    reference = kdcore.Distiller(config_for(tmp_path / "reference", teacher), console=False).fit()
-    config = config_for(directory, teacher, checkpoint={"every_steps": 4})
-    with pytest.raises(KeyboardInterrupt):
-        kdcore.Distiller(config, callbacks=[AtStep(13, lambda: (_ for _ in ()).throw(KeyboardInterrupt))],
-                         console=False).fit()
-    _spoil(directory / "checkpoint.pt", "garbage")
-    save = rundir.checkpoint.save_atomic
-
-    def killed_writing_the_checkpoint(obj, path):
-        if Path(path).name == "checkpoint.pt":
-            raise KeyboardInterrupt
-        save(obj, path)
-
-    monkeypatch.setattr(rundir.checkpoint, "save_atomic", killed_writing_the_checkpoint)
-    with pytest.warns(RuntimeWarning, match="the unreadable file is kept as .*checkpoint.unreadable.pt"), \
-            pytest.raises(KeyboardInterrupt):
-        kdcore.Distiller(config, console=False).fit(resume=True)
-    monkeypatch.setattr(rundir.checkpoint, "save_atomic", save)
-    assert (directory / "checkpoint.unreadable.pt").read_bytes() == b"not a checkpoint\n" * 100
-    with pytest.warns(RuntimeWarning, match="checkpoint.pt does not exist; resuming from the checkpoint before it"):
-        assert kdcore.Distiller(config, console=False).fit(resume=True) == reference
-
-
-def test_a_checkpoint_without_a_runs_records_falls_back_to_the_previous(tmp_path, teacher):
-    directory = tmp_path / "run"
-    config = config_for(directory, teacher)
-    kdcore.Distiller(config, console=False).fit()
-    torch.save({"version": 1}, directory / "checkpoint.pt")
-    with pytest.warns(RuntimeWarning, match=r"checkpoint.pt is not a kdcore checkpoint \(it has no config, stage"):
-        kdcore.Distiller(config, console=False).fit(resume=True)
-
-
-def test_teacher_metrics_survive_a_resume_with_the_options_in_another_order(tmp_path, teacher):
-    """A config written as YAML has its keys sorted, one given as a dict keeps their order: the
-    teachers' metrics a checkpoint keeps must be found either way."""
-    reference = kdcore.Distiller(config_for(tmp_path / "reference", teacher), console=False).fit()
-    config = config_for(tmp_path / "run", teacher, checkpoint={"every_steps": 2})
-    with pytest.raises(KeyboardInterrupt):
-        kdcore.Distiller(config, callbacks=[AtStep(11, lambda: (_ for _ in ()).throw(KeyboardInterrupt))],
-                         console=False).fit()
-    options = config["teachers"][0]["options"]
-    config["teachers"][0]["options"] = dict(reversed(list(options.items())))
-    assert kdcore.Distiller(config, console=False).fit(resume=True) == reference
-    events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert all("teacher_accuracy" in event for event in events if event["event"] == "eval")
-
-
-def test_a_run_whose_lock_file_was_removed_stops_before_writing_again(tmp_path, teacher):
-    """Removing .lock lets a second run take a new one: the first stops at its next write."""
-    directory = tmp_path / "run"
-    config = config_for(directory, teacher)
-    intruder = RunDirectory(directory)
-
-    def remove_and_retake():
-        (directory / ".lock").unlink()
-        intruder.acquire()
-
-    with pytest.raises(RunDirectoryError, match=r"\.lock was removed or replaced while this run held it, so another "
-                                                r"run may be using"):
-        kdcore.Distiller(config, callbacks=[AtStep(3, remove_and_retake)], console=False).fit()
-    assert json.loads((directory / ".lock").read_text())["pid"] == os.getpid()  # the intruder's lock is left alone
-    events = [json.loads(line)["event"] for line in (directory / "metrics.jsonl").read_text().splitlines()]
-    assert events.count("step") == 3  # steps 0-2: the event of step 3 comes after its hook took the lock away
-    intruder.release()
-
-
-def test_a_busy_message_names_the_new_holder_not_the_dead_one(tmp_path):
-    """The holder writes its record just after taking the lock; a run refused in that moment
-    names it, not the killed run whose record is still there."""
-    import subprocess
-    import threading
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    (tmp_path / ".lock").write_text(json.dumps({"pid": dead.pid, "host": rundir.socket.gethostname(),
-                                                "started": "earlier"}))
-    handle = os.open(tmp_path / ".lock", os.O_RDWR)
-    rundir.fcntl.flock(handle, rundir.fcntl.LOCK_EX | rundir.fcntl.LOCK_NB)  # a run that has not written its record
-    writer = threading.Timer(0.1, rundir._write_holder, [handle])
-    writer.start()
-    try:
-        with pytest.raises(RunDirectoryError, match=f"in use by another run \\(pid {os.getpid()} on host"):
-            RunDirectory(tmp_path).acquire()
-    finally:
-        writer.join()
-        os.close(handle)
 
 
 @pytest.mark.parametrize("what, says", [
@@ -555,68 +424,27 @@ def test_a_log_the_run_cannot_write_fails_before_training():
         shutil.rmtree(parent)
 
 
-def test_a_failed_fresh_run_leaves_a_directory_with_other_files_as_it_found_it(tmp_path, teacher):
-    directory = tmp_path / "run"
-    directory.mkdir()
-    (directory / "notes.txt").write_text("mine")
-    spec = mlp([16])
-    spec["options"]["in_features"] = FEATURES + 1
-    config = classification_config(directory, method={"name": "response_kd"}, teachers=[teacher], student=spec)
-    with pytest.raises(ConfigError, match="student.options.in_features"):
-        kdcore.Distiller(config, console=False).fit()
-    assert sorted(p.name for p in directory.iterdir()) == ["notes.txt"]
-
-
-def test_teachers_of_another_class_count_combined_by_the_method_are_a_config_error(tmp_path, teacher):
-    other = {**mlp([8]), "pretrained": True}
-    other["options"]["num_classes"] = CLASSES + 1
-    config = classification_config(tmp_path / "run", method={"name": "ensemble"}, teachers=[teacher, other])
-    with pytest.raises(ConfigError, match=rf"student outputs {CLASSES} classes \(student.options.num_classes\) but "
-                                          rf"teachers.1 outputs {CLASSES + 1} classes \(teachers.1.options"):
-        kdcore.Distiller(config, console=False).fit()
-    assert not (tmp_path / "run").exists()
-
-
-def test_a_language_models_vocab_size_is_named(tmp_path):
-    from engine_helpers import lm_config
-    config = lm_config(tmp_path / "run", method={"name": "supervised"})
-    config["student"]["options"]["vocab_size"] = 32
-    with pytest.raises(ConfigError, match=r"student: model 'tiny_lm' fails on a batch .*: index out of range in self; "
-                                          r"student.options.vocab_size is 32 but the inputs hold token id \d+"):
+def test_nan_stop_says_whether_a_checkpoint_exists(tmp_path):
+    config = classification_config(tmp_path, method={"name": "test_distiller:NanAtStep3"},
+                                   checkpoint={"every_steps": 2})
+    with pytest.raises(FloatingPointError, match=f"the last checkpoint \\({tmp_path / 'checkpoint.pt'}\\) is intact"):
         kdcore.Distiller(config, console=False).fit()
 
 
-class PlanFails(kdcore.Method):
-    def plan(self, config):
-        raise RuntimeError("no plan")
+def test_the_final_student_is_written_only_when_the_last_stage_ends(tmp_path, teacher):
+    config = classification_config(tmp_path, method={"name": "takd", "assistants": [mlp([32])]}, teachers=[teacher],
+                                   training={"epochs": 1})
 
+    class StopAfterFirstStage:
+        @kdcore.hookimpl
+        def kdcore_stage_start(self, stage):
+            if stage.name == "student":
+                raise KeyboardInterrupt
 
-class FactoryFails(kdcore.Method):
-    def __init__(self, config):
-        raise KeyError("option")
-
-
-class TeacherLogitsFails(kdcore.Method):
-    def teacher_logits(self, outputs):
-        raise RuntimeError("no reference")
-
-    def losses(self, batch, outputs, ctx):
-        return {"ce": outputs.student.logsumexp(-1).mean()}
-
-
-class MoreBrokenMethods:
-    @kdcore.hookimpl
-    def kdcore_register_methods(self, register):
-        register("plan_fails", PlanFails)
-        register("factory_fails", FactoryFails)
-        register("teacher_logits_fails", TeacherLogitsFails)
-
-
-@pytest.mark.parametrize("method, where", [("plan_fails", "plan"), ("factory_fails", "its factory"),
-                                           ("teacher_logits_fails", "teacher_logits")])
-def test_every_call_of_a_methods_code_names_its_plugin(tmp_path, registered, teacher, method, where):
-    registered(MoreBrokenMethods(), "more_broken")
-    config = classification_config(tmp_path / "run", method={"name": method}, teachers=[teacher])
-    with pytest.raises(kdcore.plugins.PluginFault, match=rf"^plugin 'more_broken' \(kdcore-faulty 1.2\) \(method "
-                                                         rf"'{method}'\) raised in {where}: "):
-        kdcore.Distiller(config, console=False).fit()
+    with pytest.raises(KeyboardInterrupt):
+        kdcore.Distiller(config, callbacks=[StopAfterFirstStage()], console=False).fit()
+    assert (tmp_path / "stages" / "0-assistant1" / "student.pt").exists()
+    assert not (tmp_path / "student.pt").exists()
+    kdcore.Distiller(config, console=False).fit(resume=True)
+    final = torch.load(tmp_path / "student.pt", weights_only=True)
+    assert final["body.0.weight"].shape == (16, FEATURES)  # the student, not the 32-wide assistant

@@ -296,10 +296,7 @@ class _Stage:
         host.call("kdcore_stage_end", run=run, stage=stage)
 
     def _method_code(self, where: str, passes: tuple[type[Exception], ...] = ()):
-        """Runs the method's own code (``setup``, ``losses``, ...) so that an exception in it names
-        the plugin that registered the method."""
-        host = plugins.host()
-        return host.blame(host.methods, self.config.method.name, where, passes)
+        return _method_code(self.config, where, passes)
 
     def _key(self, role: str, planned: Any) -> str:
         """How errors name a model: by its config key when the stage uses the config's models."""
@@ -500,10 +497,8 @@ class _Stage:
 
 def evaluate_student(run: Distiller, ctx: StageContext, procs: distributed.Processes, val) -> dict[str, float]:
     """The student's metrics on ``val``, against what the method compares it with."""
-    host = plugins.host()
-
     def pick(outputs: Outputs) -> tuple[torch.Tensor, torch.Tensor | None]:
-        with host.blame(host.methods, run.config.method.name, "teacher_logits"):
+        with _method_code(run.config, "teacher_logits"):
             return outputs.student, run.method.teacher_logits(outputs)
 
     return _metrics(run, ctx, procs, val, pick)
@@ -549,11 +544,18 @@ def _sweep(run: Distiller, ctx: StageContext, procs: distributed.Processes, val,
 # -- helpers ----------------------------------------------------------------------------------------
 
 
-def _make_method(config: RunConfig) -> Method:
+def _method_code(config: RunConfig, where: str, passes: tuple[type[Exception], ...] = ()):
+    """A context for the method's own code (its factory, ``plan``, ``setup``, ``losses``, ...): an
+    exception raised there, other than the kinds in ``passes`` (how it rejects a config), names the
+    plugin that registered the method."""
     host = plugins.host()
-    factory = resolve(config.method.name, host.methods, "method.name")
+    return host.blame(host.methods, config.method.name, where, passes)
+
+
+def _make_method(config: RunConfig) -> Method:
+    factory = resolve(config.method.name, plugins.host().methods, "method.name")
     try:
-        with host.blame(host.methods, config.method.name, "its factory", passes=(TypeError, ValueError)):
+        with _method_code(config, "its factory", passes=(TypeError, ValueError)):
             method = factory(config.method.options())
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"method: {exc}") from None
@@ -564,9 +566,8 @@ def _make_method(config: RunConfig) -> Method:
 
 
 def _checked_stages(method: Method, config: RunConfig) -> list[Stage]:
-    host = plugins.host()
     try:
-        with host.blame(host.methods, config.method.name, "plan", passes=(ValueError,)):
+        with _method_code(config, "plan", passes=(ValueError,)):
             stages = method.plan(config)
     except ValueError as exc:
         raise ConfigError(f"method: {exc}") from None
