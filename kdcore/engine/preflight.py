@@ -11,7 +11,6 @@ labels of the first training batch and against the teacher prediction the method
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -25,7 +24,7 @@ CLASS_OPTIONS = ("num_classes", "vocab_size", "num_labels")
 
 
 def check_stage(ctx: Any, specs: Mapping[str, tuple[str, ModelSpec]], method: Any, dataset: str,
-                labels: torch.Tensor | None, method_code: Callable[[str], Any] = lambda where: nullcontext()) -> None:
+                labels: torch.Tensor | None, method_code: Callable[[str], Any]) -> None:
     """Runs each model of ``ctx`` on ``ctx.example``. ``specs`` maps a role (``"student"``,
     ``"teacher0"``, ...) to its config key and spec; ``method`` says which teacher prediction the
     student is compared with; ``dataset`` is the config's ``data.dataset`` (for messages);
