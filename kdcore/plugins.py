@@ -169,9 +169,8 @@ class PluginHost:
         self.callbacks = Registry("callback")
         self.backends = BackendRegistry()
         self.plugins: dict[str, PluginInfo] = {}
-        # a run's active callbacks, by the name they are registered under with pluggy
-        self._callback_labels: dict[str, str] = {}
-        self._callback_owners: dict[str, str] = {}  # -> the plugin that registered the callback
+        # a run's active callbacks from the registry, by their pluggy name: (owning plugin, callback name)
+        self._registered_callbacks: dict[str, tuple[str, str]] = {}
 
     @property
     def hook(self):
@@ -189,7 +188,7 @@ class PluginHost:
             return caller(**kwargs)
         except Exception as exc:
             codes = {_code_of(impl.function): impl.plugin_name for impl in caller.get_hookimpls()
-                     if impl.plugin_name in self.plugins or impl.plugin_name in self._callback_owners}
+                     if impl.plugin_name in self.plugins or impl.plugin_name in self._registered_callbacks}
             frame = exc.__traceback__
             while frame is not None and frame.tb_frame.f_code not in codes:
                 frame = frame.tb_next
@@ -216,16 +215,19 @@ class PluginHost:
 
     def describe(self, name: str) -> str:
         """How messages name a registered plugin or a run's callback: ``plugin 'NAME' (package P)``."""
+        if name in self._registered_callbacks:
+            owner, callback = self._registered_callbacks[name]
+            return f"{self.describe(owner)} (callback {callback!r})"
         if name in self.plugins:
             return self.plugins[name].describe()
-        return self._callback_labels.get(name, f"plugin {name!r}")
+        return f"plugin {name!r}"
 
     def _disable_name(self, name: str) -> str | None:
         """The name ``--disable-plugin`` takes for the plugin ``name`` (None for a run's callback
         object or a built-in, which cannot be disabled that way)."""
+        if name in self._registered_callbacks:
+            name = self._registered_callbacks[name][0]
         info = self.plugins.get(name)
-        if info is None and name in self._callback_owners:
-            info = self.plugins.get(self._callback_owners[name])
         return info.name if info is not None and not info.builtin else None
 
     # -- loading ----------------------------------------------------------------------------------
@@ -394,17 +396,14 @@ class PluginHost:
         finally:
             for name in registered:
                 self.pm.unregister(name=name)
-                self._callback_labels.pop(name, None)
-                self._callback_owners.pop(name, None)
+                self._registered_callbacks.pop(name, None)
 
     def _label_callback(self, name: str, spec: str | Mapping[str, Any] | object) -> None:
         """Remembers which plugin registered an active callback that came from the registry, to
         name it in errors."""
         registered = spec if isinstance(spec, str) else spec.get("name") if isinstance(spec, Mapping) else None
         if registered is not None and registered in self.callbacks:
-            owner = self.callbacks.entry(registered).plugin
-            self._callback_owners[name] = owner
-            self._callback_labels[name] = f"{self.describe(owner)} (callback {registered!r})"
+            self._registered_callbacks[name] = (self.callbacks.entry(registered).plugin, registered)
 
     def _callback_object(self, spec: str | Mapping[str, Any] | object) -> object:
         if isinstance(spec, str):

@@ -445,9 +445,9 @@ def test_cuda_capture_is_asked_only_for_cuda_tensors(backend, monkeypatch):
     assert kdcore.kd_loss(s, kdcore.SparseTeacher(indices, logprobs), labels=labels, backend=backend).isfinite()
 
 
-def _corrupt_row_1(indices, logprobs, labels, what):
-    """The sync case with row 1 broken in one way."""
-    indices, logprobs, labels = indices.clone(), logprobs.clone(), labels.clone()
+def _corrupted_case(what):
+    """The sync case on the test device, with row 1 broken in one way."""
+    s, indices, logprobs, labels = (x.to(TEST_DEVICE) for x in _sync_case())
     if what == "duplicate":
         indices[1, 1] = indices[1, 0]
     elif what == "out_of_range":
@@ -456,7 +456,7 @@ def _corrupt_row_1(indices, logprobs, labels, what):
         labels[1] = 60
     elif what == "logits_not_logprobs":
         logprobs[1] += 5.0
-    return indices, logprobs, labels
+    return s, indices, logprobs, labels
 
 
 CORRUPTIONS = ("duplicate", "out_of_range", "label", "logits_not_logprobs")
@@ -465,8 +465,7 @@ CORRUPTIONS = ("duplicate", "out_of_range", "label", "logits_not_logprobs")
 @pytest.mark.parametrize("what", CORRUPTIONS)
 @pytest.mark.parametrize("backend", SPARSE_BACKENDS)
 def test_captured_call_reads_nothing_and_gives_nan_rows(backend, what, monkeypatch):
-    s, indices, logprobs, labels = (x.to(TEST_DEVICE) for x in _sync_case())
-    indices, logprobs, labels = _corrupt_row_1(indices, logprobs, labels, what)
+    s, indices, logprobs, labels = _corrupted_case(what)
     reads = _DeviceReads(monkeypatch, capturing=True)
     s.requires_grad_(True)
     loss = kdcore.kd_loss(s, kdcore.SparseTeacher(indices, logprobs), labels=labels, ce_weight=0.5,
@@ -480,8 +479,7 @@ def test_captured_call_reads_nothing_and_gives_nan_rows(backend, what, monkeypat
 @pytest.mark.parametrize("what", CORRUPTIONS)
 @pytest.mark.parametrize("backend", SPARSE_BACKENDS)
 def test_uncaptured_call_raises_for_the_failing_row(backend, what, monkeypatch):
-    s, indices, logprobs, labels = (x.to(TEST_DEVICE) for x in _sync_case())
-    indices, logprobs, labels = _corrupt_row_1(indices, logprobs, labels, what)
+    s, indices, logprobs, labels = _corrupted_case(what)
     reads = _DeviceReads(monkeypatch, capturing=False)
     with pytest.raises(ValueError, match=r"row 1 |labels\[1\] = 60"):
         kdcore.kd_loss(s, kdcore.SparseTeacher(indices, logprobs), labels=labels, ce_weight=0.5, backend=backend)

@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from kdcore import plugins
-from kdcore.engine import checkpoint, distributed, preflight
+from kdcore.engine import checkpoint, distributed, preflight, rundir
 from kdcore.engine.builders import build_model, build_splits, resolve
 from kdcore.engine.config import ConfigError, ModelSpec, RunConfig, check_names, parse_config
 from kdcore.engine.context import StageContext
@@ -80,11 +80,11 @@ class Distiller:
 
     @property
     def checkpoint_path(self) -> Path:
-        return self.output_dir / "checkpoint.pt"
+        return self.output_dir / rundir.CHECKPOINT_NAME
 
     def stage_model_path(self, index: int, role: str = "student") -> Path:
         """Where stage ``index`` leaves its trained ``role`` (the student, or a trained teacher)."""
-        return self.output_dir / "stages" / f"{index}-{_slug(self.stages[index].name)}" / f"{role}.pt"
+        return self.output_dir / rundir.STAGES_NAME / f"{index}-{_slug(self.stages[index].name)}" / f"{role}.pt"
 
     # -- model specs ----------------------------------------------------------------------------
 
@@ -220,7 +220,7 @@ class Distiller:
         procs = distributed.start(self.config.device)
         try:
             index = len(self.stages) - 1
-            path = Path(student_checkpoint or self.output_dir / "student.pt")
+            path = Path(student_checkpoint or self.output_dir / rundir.STUDENT_NAME)
             spec = self.student_spec(index).model_copy(update={"checkpoint": str(path), "pretrained": False})
             student = build_model(spec, "student").to(procs.device)
             teachers = [build_model(t, f"teachers.{i}").to(procs.device) for i, t in enumerate(self.teacher_specs(index))]
@@ -487,7 +487,7 @@ class _Stage:
             for role in dict.fromkeys(("student", *self.stage.trainable)):
                 checkpoint.save_atomic(self.ctx.raw(role).state_dict(), run.stage_model_path(self.index, role))
             if self.index == len(run.stages) - 1:  # the final student; a stage's own student keeps its stage name
-                checkpoint.save_atomic(self.ctx.raw("student").state_dict(), run.output_dir / "student.pt")
+                checkpoint.save_atomic(self.ctx.raw("student").state_dict(), run.output_dir / rundir.STUDENT_NAME)
         self.log.event("stage_end", stage=self.stage.name, index=self.index, metrics=run.metrics)
         run.save_checkpoint(procs, self.log, self.index + 1, None)
 
