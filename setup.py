@@ -91,7 +91,7 @@ setup(
     # the built-in plugins live in plugins/ and install as the package kdcore_plugins
     packages=[*find_packages(include=["kdcore", "kdcore.*"]), "kdcore_plugins"],
     package_dir={"kdcore_plugins": "plugins"},
-    package_data={"kdcore_plugins": ["data/*.csv.gz", "data/*.txt.gz", "data/README.md"]},
+    package_data={"kdcore_plugins": ["data/*.csv.gz", "data/*.txt.gz", "data/README.md", "data/tokenizers/*.json"]},
     ext_modules=[core_extension(), *cpu_extensions()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

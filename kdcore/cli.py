@@ -138,7 +138,7 @@ def eval_command(args: argparse.Namespace) -> int:
 
 def cache_teacher_command(args: argparse.Namespace) -> int:
     from kdcore import cache
-    from kdcore.engine.builders import build_model, build_splits
+    from kdcore.engine.builders import build_model, build_splits, build_tokenizers
     from kdcore.engine.config import parse_config
     from kdcore.engine.data import call_model
 
@@ -151,7 +151,12 @@ def cache_teacher_command(args: argparse.Namespace) -> int:
     key = f"teachers.{args.teacher}"
     model = build_model(spec, key).to(args.device).eval()
     # the split as the dataset gives it: a data.teacher_cache in the config is what this writes
-    dataset = build_splits(config.data.model_copy(update={"teacher_cache": None}))[0 if args.split == "train" else 1]
+    dataset = build_splits(config.data.model_copy(update={"teacher_cache": None}),
+                           build_tokenizers(config.student, config.teachers))[0 if args.split == "train" else 1]
+    if isinstance(dataset[0], dict) and "teacher_view" in dataset[0]:
+        raise _UsageError(f"data.dataset {config.data.dataset!r} gives the teachers their own tokenization; a cache "
+                          "holds teacher distributions over the student's tokens, so it cannot be written for a "
+                          "teacher with another tokenizer (distil with method cross_tokenizer_kd instead)")
     model_id = json.dumps({"model": spec.model, "options": spec.options, "checkpoint": spec.checkpoint,
                            "checkpoint_sha256": cache.file_sha256(spec.checkpoint) if spec.checkpoint else None},
                           sort_keys=True)

@@ -80,7 +80,11 @@ def kdcore_register_datasets(register):
     Call ``register(name, factory, description="")`` for each. ``factory(**options)`` receives the
     config's ``data.options`` and returns a mapping with ``"train"`` and ``"val"`` map-style
     datasets. An item is ``(inputs, labels)``, or a mapping whose ``"labels"`` entry holds the
-    labels and whose other entries are the model's keyword inputs.
+    labels and whose other entries are the model's keyword inputs. A factory that declares a
+    ``tokenizers`` parameter also receives the tokenizers the run's models name (their
+    ``tokenizer`` keys), as a dict by role (``"student"``, ``"teacher0"``, ...). A mapping item may
+    carry ``label_bytes``, ``spans`` and ``teacher_view`` (the teachers' own tokenization of the
+    same text) for distillation across tokenizers; see :class:`kdcore.engine.data.Batch`.
     """
 
 

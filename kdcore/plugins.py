@@ -67,6 +67,7 @@ BUILTIN_PLUGINS = (
     ("kdcore.gkd", "kdcore_plugins.gkd"),
     ("kdcore.reasoning_kd", "kdcore_plugins.reasoning_kd"),
     ("kdcore.cached_kd", "kdcore_plugins.cached_kd"),
+    ("kdcore.cross_tokenizer_kd", "kdcore_plugins.cross_tokenizer_kd"),
 )
 
 REGISTRATION_HOOKS = {

@@ -32,6 +32,14 @@ Datasets (each returns seeded, reproducible ``train`` / ``val`` splits):
   ``seq_len``), items ``{"input_ids", "labels"}`` with the labels shifted by one. With
   ``prompt_len`` P, each window's first P bytes are a prompt: the labels of the P - 1 positions
   before the first predicted byte are ``-100`` (generation-based methods continue the prompt).
+* ``aligned_text``: the same text in windows of ``window_chars`` characters, tokenized by the
+  student's tokenizer and, when the teacher names another, by the teacher's, the two aligned (see
+  :class:`kdcore.cross_tokenizer.dataset.AlignedTexts`): for distilling across tokenizers
+  (``cross_tokenizer_kd``) and for scoring any tokenizer by per-byte perplexity. The tokenizers
+  come from the models' ``tokenizer`` keys (kdcore ships ``shakespeare-bpe-1024`` and
+  ``shakespeare-unigram-512``, trained on the training part of the Shakespeare).
+  ``train_fraction`` keeps that fraction of the training windows (the same ones for every seed): a
+  student with less text than its teacher saw.
 """
 
 from __future__ import annotations
@@ -142,6 +150,47 @@ def text(path: str | None = None, seq_len: int = 128, stride: int | None = None,
     return {"train": windows(tokens[:split]), "val": windows(tokens[split:])}
 
 
+def aligned_text(tokenizers: dict, path: str | None = None, window_chars: int = 512, stride_chars: int | None = None,
+                 student_length: int = 256, teacher_length: int = 256, prompt_chars: int = 0,
+                 val_fraction: float = 0.1, train_fraction: float = 1.0, max_chars: int | None = None) -> dict[str, Dataset]:
+    from kdcore.cross_tokenizer.dataset import AlignedTexts
+
+    if "student" not in tokenizers:
+        raise ValueError("aligned_text: name the student's tokenizer (student.tokenizer: a tokenizer.json, a directory "
+                         "holding one, or shakespeare-bpe-1024 / shakespeare-unigram-512) and, to distil across "
+                         "tokenizers, the teacher's (teachers.0.tokenizer)")
+    stride_chars = window_chars if stride_chars is None else stride_chars
+    if window_chars < 1 or stride_chars < 1 or not 0 <= prompt_chars < window_chars or not 0 < val_fraction < 1 \
+            or not 0 < train_fraction <= 1:
+        raise ValueError(f"aligned_text: need window_chars >= 1, stride_chars >= 1, 0 <= prompt_chars < window_chars, "
+                         f"0 < val_fraction < 1 and 0 < train_fraction <= 1; got window_chars={window_chars}, "
+                         f"stride_chars={stride_chars}, prompt_chars={prompt_chars}, val_fraction={val_fraction}, "
+                         f"train_fraction={train_fraction}")
+    if path is None:
+        with resources.files("kdcore_plugins").joinpath("data/shakespeare.txt.gz").open("rb") as handle:
+            data = gzip.decompress(handle.read()).decode()
+    else:
+        try:
+            data = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"aligned_text: cannot read path={path!r} as UTF-8 text: {exc}") from None
+    data = data[:max_chars]
+    split = round(len(data) * (1 - val_fraction))
+    options = dict(student_length=student_length, teacher_length=teacher_length, prompt_chars=prompt_chars)
+
+    def windows(part: str, fraction: float = 1.0) -> Dataset:
+        texts = [part[start:start + window_chars] for start in range(0, len(part) - window_chars + 1, stride_chars)]
+        if not texts:
+            raise ValueError(f"aligned_text: a split of {len(part)} characters is shorter than one window of "
+                             f"window_chars = {window_chars}")
+        if fraction < 1:  # the same windows whatever the run's seed
+            keep = torch.randperm(len(texts), generator=torch.Generator().manual_seed(0))[:max(1, round(fraction * len(texts)))]
+            texts = [texts[i] for i in sorted(keep.tolist())]
+        return AlignedTexts(texts, tokenizers["student"], tokenizers.get("teacher0"), **options)
+
+    return {"train": windows(data[:split], train_fraction), "val": windows(data[split:])}
+
+
 def digits(val_fraction: float = 0.25, train_fraction: float = 1.0, images: bool = False,
            seed: int = 0) -> dict[str, Dataset]:
     with resources.files("kdcore_plugins").joinpath("data/digits.csv.gz").open("rb") as handle:
@@ -215,3 +264,6 @@ def kdcore_register_datasets(register):
              description="token sequences from a random sparse Markov chain, padded, labels shifted (no download)")
     register("text", text, description="byte-level language modelling on a text file (default: Shakespeare, "
                                        "ships with kdcore), optional prompts")
+    register("aligned_text", aligned_text,  # without a teacher tokenizer: the student's side alone
+             description="a text file (default: Shakespeare) tokenized by the student's tokenizer and the teacher's, "
+                         "aligned; ships shakespeare-bpe-1024 and shakespeare-unigram-512")

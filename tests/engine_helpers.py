@@ -169,3 +169,35 @@ def text_config(output_dir: Path, *, method: dict[str, Any], teachers=(), prompt
     }
     config.update(sections)
     return config
+
+
+#: the tokenizers that ship with kdcore, student's and teacher's
+STUDENT_TOKENIZER, TEACHER_TOKENIZER = "shakespeare-unigram-512", "shakespeare-bpe-1024"
+
+
+def tokenized_gpt2_spec(vocab: int, tokenizer: str, width: int = 32) -> dict[str, Any]:
+    """A one-layer GPT-2 without dropout that names its tokenizer."""
+    return {"model": "hf_causal_lm", "tokenizer": tokenizer,
+            "options": {"model_type": "gpt2", "vocab_size": vocab, "n_positions": 48, "n_embd": width, "n_layer": 1,
+                        "n_head": 2, "bos_token_id": 0, "eos_token_id": 0, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
+                        "attn_pdrop": 0.0}}
+
+
+def cross_tokenizer_config(output_dir: Path, *, method: dict[str, Any], teachers: bool = True, prompt_chars: int = 0,
+                           epochs: int = 1, **data_options: Any) -> dict[str, Any]:
+    """A small run on the shipped text (64-character windows of its first 4,000 characters) of a
+    unigram-tokenizer student and a byte-level-BPE teacher (which still needs a checkpoint or
+    ``pretrained``)."""
+    return {
+        "method": method,
+        "student": tokenized_gpt2_spec(512, STUDENT_TOKENIZER),
+        "teachers": [tokenized_gpt2_spec(1024, TEACHER_TOKENIZER, width=48)] if teachers else [],
+        "data": {"dataset": "aligned_text", "batch_size": 8, "eval_batch_size": 16,
+                 "options": {"window_chars": 64, "student_length": 47, "teacher_length": 47, "max_chars": 4000,
+                             "prompt_chars": prompt_chars, **data_options}},
+        "optimizer": {"name": "adamw", "lr": 0.003},
+        "training": {"epochs": epochs, "log_every": 1},
+        "eval": {"task": "language_modeling"},
+        "output_dir": str(output_dir),
+        "seed": 3,
+    }

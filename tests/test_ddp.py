@@ -15,7 +15,7 @@ import torch
 import yaml
 
 import kdcore
-from engine_helpers import classification_config, gpt2_spec, text_config
+from engine_helpers import classification_config, cross_tokenizer_config, gpt2_spec, text_config
 
 TESTS = Path(__file__).parent
 
@@ -68,6 +68,36 @@ def test_two_processes_match_one(tmp_path, teacher, method):
     for ours, theirs in zip(ddp_log, single_log):
         if ours["event"] == "step":
             assert ours["total"] == pytest.approx(theirs["total"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_cross_tokenizer_distillation_under_two_processes_matches_one(tmp_path):
+    """cross_tokenizer_kd (teacher and student with different tokenizers, aligned in the data
+    pipeline, hybrid loss plus cross-entropy) under DDP with accumulation: the same weights, logged
+    losses and held-out metrics as one process."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")
+    config = cross_tokenizer_config(tmp_path / "ddp", method={"name": "cross_tokenizer_kd", "loss": "hybrid", "ce_weight": 0.5})
+    config["teachers"][0]["pretrained"] = True  # a fresh teacher from the run's seed, the same in both runs
+    config["training"] = {"epochs": 1, "grad_accum": 2, "log_every": 2}
+    path = tmp_path / "ddp.yaml"
+    path.write_text(yaml.safe_dump(config))
+    metrics = torchrun(path, 2)
+    config["output_dir"] = str(tmp_path / "single")
+    single = kdcore.Distiller(config).fit()
+    assert metrics.keys() == single.keys() and "byte_perplexity" in metrics
+    for key in metrics:
+        assert metrics[key] == pytest.approx(single[key], rel=1e-3, abs=1.5 / 300 if key == "ece" else 1e-6), key
+    ddp_weights = torch.load(tmp_path / "ddp" / "student.pt", weights_only=True)
+    single_weights = torch.load(tmp_path / "single" / "student.pt", weights_only=True)
+    for key in single_weights:
+        torch.testing.assert_close(ddp_weights[key], single_weights[key], rtol=1e-4, atol=1e-5)
+    logs = [[json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+            for name in ("ddp", "single")]
+    steps = [[e for e in log if e["event"] == "step"] for log in logs]
+    assert len(steps[0]) == len(steps[1]) > 1
+    for ours, theirs in zip(*steps):
+        assert ours["kd"] == pytest.approx(theirs["kd"], rel=1e-4) and ours["ce"] == pytest.approx(theirs["ce"], rel=1e-4)
 
 
 def test_on_policy_distillation_under_two_processes(tmp_path):

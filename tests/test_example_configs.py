@@ -37,3 +37,29 @@ def test_shakespeare_teacher_then_logit_distillation(tmp_path):
     metrics = kdcore.Distiller(CONFIGS / "shakespeare_kd.yaml", overrides=[
         *small, f"output_dir={tmp_path / 'kd'}", f"teachers.0.checkpoint={tmp_path / 'teacher' / 'student.pt'}"]).fit()
     assert {"token_accuracy", "perplexity", "teacher_agreement", "kl_to_teacher", "teacher_perplexity"} <= set(metrics)
+
+
+@pytest.mark.slow
+def test_cross_tokenizer_teacher_then_student_and_its_experiment(tmp_path):
+    """xtok_teacher.yaml, xtok_kd.yaml and examples/cross_tokenizer_experiment.py, on 20,000
+    characters for one epoch: every variant runs and the summary has a verdict for each."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")
+    import json
+    import subprocess
+    import sys
+
+    small = ["training.epochs=1", "data.options.max_chars=20000", "scheduler.warmup_steps=0"]
+    kdcore.Distiller(CONFIGS / "xtok_teacher.yaml", overrides=[*small, f"output_dir={tmp_path / 'teacher'}"]).fit()
+    metrics = kdcore.Distiller(CONFIGS / "xtok_kd.yaml", overrides=[
+        *small, f"output_dir={tmp_path / 'kd'}", f"teachers.0.checkpoint={tmp_path / 'teacher' / 'student.pt'}"]).fit()
+    assert {"byte_perplexity", "teacher_byte_perplexity", "perplexity"} <= set(metrics)
+    script = CONFIGS.parent / "cross_tokenizer_experiment.py"
+    done = subprocess.run([sys.executable, str(script), "--output", str(tmp_path / "experiment"), "--teacher",
+                           str(tmp_path / "teacher"), "--seeds", "1", "--epochs", "1", "--max-chars", "20000"],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "experiment" / "summary.json").read_text())
+    assert set(summary["variants"]) == {"scratch", "uld", "shared_vocab", "shared_vocab_exact", "hybrid"}
+    assert all("beat_scratch" in entry for name, entry in summary["variants"].items() if name != "scratch")
+    assert "per-byte ppl" in done.stdout

@@ -6,8 +6,10 @@ A name is looked up among the registered models/datasets; a name with a colon
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import inspect
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -49,14 +51,46 @@ def load_weights(model: nn.Module, path: str | Path, key: str) -> None:
         raise ConfigError(f"{key}: {str(path)!r} does not fit the model: {' '.join(str(exc).split())}") from None
 
 
-def build_splits(spec: DataSpec) -> tuple[Dataset, Dataset]:
-    """The ``train`` and ``val`` splits of the configured dataset; the train split carries its
-    cached teacher when the config names a ``teacher_cache``."""
-    factory = resolve(spec.dataset, plugins.host().datasets, "data.dataset")
+def _takes(factory: Any, name: str) -> bool:
     try:
-        splits = factory(**spec.options)
+        return name in inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # a callable without a signature
+        return False
+
+
+def build_tokenizers(student: ModelSpec, teachers: Sequence[ModelSpec]) -> dict[str, Any]:
+    """The tokenizers the model specs name, by role (``"student"``, ``"teacher0"``, ...); roles
+    without one are absent."""
+    from kdcore.cross_tokenizer.vocabulary import load_tokenizer
+
+    named = {"student": ("student", student)} | {f"teacher{i}": (f"teachers.{i}", spec) for i, spec in enumerate(teachers)}
+    out = {}
+    for role, (key, spec) in named.items():
+        if spec.tokenizer is not None:
+            try:
+                out[role] = load_tokenizer(spec.tokenizer, f"{key}.tokenizer")
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+    return out
+
+
+def build_splits(spec: DataSpec, tokenizers: Mapping[str, Any] | None = None) -> tuple[Dataset, Dataset]:
+    """The ``train`` and ``val`` splits of the configured dataset; the train split carries its
+    cached teacher when the config names a ``teacher_cache``. A dataset factory that takes a
+    ``tokenizers`` argument receives ``tokenizers`` (by model role, see :func:`build_tokenizers`)."""
+    factory = resolve(spec.dataset, plugins.host().datasets, "data.dataset")
+    options = dict(spec.options)
+    if "tokenizers" in options:
+        raise ConfigError("data.options.tokenizers: name each model's tokenizer on the model instead "
+                          "(student.tokenizer, teachers.N.tokenizer)")
+    if _takes(factory, "tokenizers"):
+        options["tokenizers"] = dict(tokenizers or {})
+    try:
+        splits = factory(**options)
     except TypeError as exc:
         raise ConfigError(f"data.options: dataset {spec.dataset!r} rejected its options {spec.options}: {exc}") from None
+    except ValueError as exc:  # how a dataset says an option, or what the models name, does not fit
+        raise ConfigError(f"data: dataset {spec.dataset!r}: {exc}") from None
     if not isinstance(splits, Mapping) or not {"train", "val"} <= set(splits):
         raise ConfigError(f"data.dataset: {spec.dataset!r} must return a mapping with 'train' and 'val' splits, "
                           f"got {type(splits).__name__}"

@@ -39,12 +39,17 @@ class ModelSpec(_Section):
     """A model to build: ``model`` is a registered model name (``kdcore plugins`` lists them) or an
     import path ``package.module:callable``; ``options`` are its keyword arguments; ``checkpoint``
     a state-dict file to load into it. ``pretrained: true`` says the factory loads trained weights
-    itself (e.g. ``from_pretrained``), which a teacher needs when it has no checkpoint."""
+    itself (e.g. ``from_pretrained``), which a teacher needs when it has no checkpoint.
+    ``tokenizer`` names the model's tokenizer for datasets and methods that tokenize text (a
+    ``tokenizer.json`` file, a directory holding one, or a tokenizer that ships with kdcore such
+    as ``shakespeare-bpe-1024``): a teacher whose tokenizer differs from the student's is distilled
+    across tokenizers (``aligned_text`` data, ``cross_tokenizer_kd``)."""
 
     model: str
     options: dict[str, Any] = Field(default_factory=dict)
     checkpoint: str | None = None
     pretrained: bool = False
+    tokenizer: str | None = None
 
 
 class MethodSpec(BaseModel):

@@ -95,14 +95,15 @@ class StageContext:
     def run_models(self, batch: Batch, trainable: Sequence[str] = (), *, training: bool = False) -> Outputs:
         """Runs the stage's models on ``batch``. In training, models go through ``models`` (the DDP
         wrappers) and teachers not in ``trainable`` run under no_grad; otherwise every model runs
-        unwrapped (no DDP collectives, so evaluation shards may differ in length)."""
+        unwrapped (no DDP collectives, so evaluation shards may differ in length). Teachers read
+        the batch's teacher view when it has one (another tokenization of the same text)."""
         self.features.clear()
         call = self.models.__getitem__ if training else self.raw
         student = call_model(call("student"), batch.inputs)
         teachers = []
         for role in [r for r in self.models if r != "student"]:
             with torch.set_grad_enabled(training and role in trainable and torch.is_grad_enabled()):
-                teachers.append(call_model(call(role), batch.inputs))
+                teachers.append(call_model(call(role), batch.seen_by(role).inputs))
         return Outputs(student, teachers, dict(self.features))
 
     def dry_run(self) -> Outputs:

@@ -20,21 +20,36 @@ from kdcore.cache import CachedTeacherDataset
 from kdcore.sparse import SparseTeacher
 
 
+#: entries of a mapping item that are not model inputs
+NOT_INPUTS = ("labels", "label_bytes", "spans", "teacher_view")
+
+
 @dataclass
 class Batch:
     """One collated batch: ``inputs`` (a tensor, or a mapping of keyword inputs), ``labels`` (or
     None) and, when the run trains from a teacher-logit cache (``data.teacher_cache``), the cached
-    ``teacher`` of these examples (a :class:`kdcore.SparseTeacher` aligned with the labels)."""
+    ``teacher`` of these examples (a :class:`kdcore.SparseTeacher` aligned with the labels).
+
+    Text datasets for teachers with another tokenizer (``aligned_text``) add, per item:
+    ``label_bytes`` (the bytes of text each label adds, for per-byte perplexity), ``spans`` (the
+    aligned span of each label, :mod:`kdcore.cross_tokenizer.alignment`) and ``teacher_view``: the
+    same examples as the teachers read them (their own inputs, labels, label bytes and spans), a
+    ``Batch`` itself."""
 
     inputs: Any
     labels: torch.Tensor | None = None
     teacher: SparseTeacher | None = None
+    teacher_view: Batch | None = None
+    label_bytes: torch.Tensor | None = None
+    spans: torch.Tensor | None = None
 
     @classmethod
     def from_collated(cls, collated: Any) -> Batch:
         if isinstance(collated, Mapping):
-            inputs = {key: value for key, value in collated.items() if key != "labels"}
-            return cls(inputs, collated.get("labels"))
+            inputs = {key: value for key, value in collated.items() if key not in NOT_INPUTS}
+            view = collated.get("teacher_view")
+            return cls(inputs, collated.get("labels"), teacher_view=None if view is None else cls.from_collated(view),
+                       label_bytes=collated.get("label_bytes"), spans=collated.get("spans"))
         if isinstance(collated, (tuple, list)):
             if len(collated) != 2:
                 raise ValueError(f"a dataset item given as a sequence must be (inputs, labels), got {len(collated)} parts")
@@ -51,7 +66,13 @@ class Batch:
     def _map(self, fn) -> Batch:
         move = (lambda x: fn(x) if isinstance(x, (torch.Tensor, SparseTeacher)) else x)
         inputs = {k: move(v) for k, v in self.inputs.items()} if isinstance(self.inputs, Mapping) else move(self.inputs)
-        return Batch(inputs, move(self.labels), move(self.teacher))
+        view = None if self.teacher_view is None else self.teacher_view._map(fn)
+        return Batch(inputs, move(self.labels), move(self.teacher), view, move(self.label_bytes), move(self.spans))
+
+    def seen_by(self, role: str) -> Batch:
+        """The batch as model ``role`` (``"student"``, ``"teacher0"``, ...) reads it: the teachers'
+        own view when they read another tokenization, else this batch."""
+        return self.teacher_view if role != "student" and self.teacher_view is not None else self
 
     def num_examples(self) -> int:
         first = next(iter(self.inputs.values())) if isinstance(self.inputs, Mapping) else self.inputs

@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from kdcore import plugins
 from kdcore.engine import checkpoint, distributed, preflight, rundir
-from kdcore.engine.builders import build_model, build_splits, resolve
+from kdcore.engine.builders import build_model, build_splits, build_tokenizers, resolve
 from kdcore.engine.config import ConfigError, ModelSpec, RunConfig, check_names, parse_config
 from kdcore.engine.context import StageContext
 from kdcore.engine.data import Batch, Collate, EvalShard, TrainOrder, loader
@@ -128,7 +128,7 @@ class Distiller:
         config = self.config
         saved, takeover = self._open(procs, directory, resume)
         checkpoint.seed_everything(config.seed)
-        train, val = build_splits(config.data)
+        train, val = build_splits(config.data, build_tokenizers(config.student, config.teachers))
         _check_batching(config, procs, len(train))
         log = RunLog(directory.log_path, enabled=procs.is_main, console=self.console, guard=directory.check_held)
         if takeover:
@@ -224,7 +224,7 @@ class Distiller:
             spec = self.student_spec(index).model_copy(update={"checkpoint": str(path), "pretrained": False})
             student = build_model(spec, "student").to(procs.device)
             teachers = [build_model(t, f"teachers.{i}").to(procs.device) for i, t in enumerate(self.teacher_specs(index))]
-            _, val = build_splits(self.config.data)
+            _, val = build_splits(self.config.data, build_tokenizers(self.config.student, self.config.teachers))
             models = {"student": student, **{f"teacher{i}": t for i, t in enumerate(teachers)}}
             ctx = StageContext(self, self.stages[index], index, procs.device, models)
             metrics = evaluate_student(self, ctx, procs, val)
@@ -266,8 +266,13 @@ class _Stage:
         ctx.example = Collate(self.train)([self.train[i] for i in range(min(2, len(self.train)))])
         first_batch = Collate(self.train)([self.train[i] for i in range(min(config.data.batch_size, len(self.train)))])
         preflight.check_stage(ctx, specs, run.method, config.data.dataset, first_batch.labels, self._method_code)
-        with self._method_code("setup", passes=(ValueError, TypeError)):  # how setup rejects a config
-            run.method.setup(ctx)
+        try:
+            with self._method_code("setup", passes=(ValueError, TypeError)):  # how setup rejects a config
+                run.method.setup(ctx)
+        except ValueError as exc:
+            if isinstance(exc, ConfigError):
+                raise
+            raise ConfigError(f"method: {exc}") from None
         trained = [models[role] for role in stage.trainable] + [ctx.modules[n] for n in sorted(ctx.trainable_modules)]
         self.parameters = _unique_parameters(trained)
         self.optimizer = build_optimizer(config.optimizer, self.parameters)
@@ -501,22 +506,23 @@ def evaluate_student(run: Distiller, ctx: StageContext, procs: distributed.Proce
         with _method_code(run.config, "teacher_logits"):
             return outputs.student, run.method.teacher_logits(outputs)
 
-    return _metrics(run, ctx, procs, val, pick)
+    return _metrics(run, ctx, procs, val, pick, "student")
 
 
 def evaluate_teacher(run: Distiller, ctx: StageContext, procs: distributed.Processes, val, index: int) -> dict[str, float]:
-    """Teacher ``index``'s own metrics on ``val``."""
-    return _metrics(run, ctx, procs, val, lambda outputs: (outputs.teachers[index], None))
+    """Teacher ``index``'s own metrics on ``val`` (on its own tokenization of the text, when it has one)."""
+    return _metrics(run, ctx, procs, val, lambda outputs: (outputs.teachers[index], None), f"teacher{index}")
 
 
-def _metrics(run: Distiller, ctx: StageContext, procs: distributed.Processes, val, pick) -> dict[str, float]:
-    """Metrics of the prediction ``pick(outputs)`` gives as ``(logits, reference logits or None)``,
-    summed over every process's shard."""
+def _metrics(run: Distiller, ctx: StageContext, procs: distributed.Processes, val, pick, role: str) -> dict[str, float]:
+    """Metrics of the prediction ``pick(outputs)`` gives as ``(logits, reference logits or None)``
+    against the labels model ``role`` reads, summed over every process's shard."""
     meter = _meter(run.config)
 
     def score(batch: Batch, outputs: Outputs) -> None:
         prediction, reference = pick(outputs)
-        meter.update(prediction, batch.labels, reference)
+        view = batch.seen_by(role)
+        meter.update(prediction, view.labels, reference, label_bytes=view.label_bytes)
 
     _sweep(run, ctx, procs, val, score)
     meter.sums = procs.sum(meter.sums)

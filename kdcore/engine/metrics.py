@@ -6,7 +6,10 @@ Per scored row (an example, or a token whose label is not ``ignore_index``):
 * ``nll``: cross-entropy of the label (``perplexity`` = exp(nll) for language modeling);
 * ``ece``: expected calibration error of the top-1 confidence, over ``bins`` equal-width bins;
 * ``teacher_agreement``: the student's argmax equals the teacher's;
-* ``kl_to_teacher``: KL(teacher ‖ student) at temperature 1, in nats, averaged over rows.
+* ``kl_to_teacher``: KL(teacher ‖ student) at temperature 1, in nats, averaged over rows;
+* ``byte_perplexity`` (language modeling, when the data gives the bytes of text each label adds):
+  exp(total nll / total bytes), the per-byte perplexity, which compares models whose tokenizers
+  differ (a token-level perplexity does not).
 
 The teacher's own accuracy, nll and ece come from the same class with the teacher's logits as the
 prediction.
@@ -21,8 +24,9 @@ import torch.nn.functional as F
 
 from kdcore.functional import kd_loss
 
-# positions in the packed sums
-_ROWS, _CORRECT, _NLL, _PAIRED, _AGREE, _KL = range(6)
+# positions in the packed sums; the calibration bins follow
+_ROWS, _CORRECT, _NLL, _PAIRED, _AGREE, _KL, _BYTES = range(7)
+_BINS = 7
 
 
 class Meter:
@@ -30,10 +34,12 @@ class Meter:
 
     def __init__(self, *, task: str = "classification", ignore_index: int = -100, bins: int = 15) -> None:
         self.task, self.ignore_index, self.bins = task, ignore_index, bins
-        self.sums = torch.zeros(6 + 2 * bins, dtype=torch.float64)  # + per bin: confidence, correct
+        self.sums = torch.zeros(_BINS + 2 * bins, dtype=torch.float64)  # + per bin: confidence, correct
 
-    def update(self, logits: torch.Tensor, labels: torch.Tensor | None, teacher_logits: torch.Tensor | None = None) -> None:
-        """Adds a batch: ``logits [..., V]``, ``labels [...]`` (or None), ``teacher_logits [..., V]``."""
+    def update(self, logits: torch.Tensor, labels: torch.Tensor | None, teacher_logits: torch.Tensor | None = None,
+               label_bytes: torch.Tensor | None = None) -> None:
+        """Adds a batch: ``logits [..., V]``, ``labels [...]`` (or None), ``teacher_logits [..., V]``,
+        ``label_bytes [...]`` (the bytes of text each label adds, or None)."""
         rows = logits.detach().reshape(-1, logits.shape[-1]).float()
         keep = torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device)
         sums = torch.zeros_like(self.sums, device=rows.device)
@@ -51,8 +57,10 @@ class Meter:
             sums[_CORRECT] = correct.sum()
             sums[_NLL] = F.nll_loss(log_probs, labels, reduction="sum").double()
             bin_index = (confidence * self.bins).long().clamp_(max=self.bins - 1)
-            sums[6:6 + self.bins] = torch.bincount(bin_index, confidence.double(), minlength=self.bins)
-            sums[6 + self.bins:] = torch.bincount(bin_index, correct, minlength=self.bins)
+            sums[_BINS:_BINS + self.bins] = torch.bincount(bin_index, confidence.double(), minlength=self.bins)
+            sums[_BINS + self.bins:] = torch.bincount(bin_index, correct, minlength=self.bins)
+            if label_bytes is not None:
+                sums[_BYTES] = label_bytes.reshape(-1).to(rows.device)[keep].double().sum()
         if teacher_logits is not None:
             teacher = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1]).float()[keep]
             sums[_PAIRED] = rows.shape[0]
@@ -75,7 +83,9 @@ class Meter:
                 out["accuracy"] = float(s[_CORRECT]) / n
             out["nll"] = nll
             # sum over bins of |Σ confidence − Σ correct| / n  =  Σ_b (n_b / n) · |conf_b − acc_b|
-            out["ece"] = float((s[6:6 + self.bins] - s[6 + self.bins:]).abs().sum()) / n
+            out["ece"] = float((s[_BINS:_BINS + self.bins] - s[_BINS + self.bins:]).abs().sum()) / n
+            if self.task == "language_modeling" and s[_BYTES] > 0:
+                out["byte_perplexity"] = math.exp(min(float(s[_NLL]) / float(s[_BYTES]), 700.0))
         if s[_PAIRED] > 0:
             out["teacher_agreement"] = float(s[_AGREE]) / float(s[_PAIRED])
             out["kl_to_teacher"] = float(s[_KL]) / float(s[_PAIRED])

@@ -31,7 +31,7 @@ def check_stage(ctx: Any, specs: Mapping[str, tuple[str, ModelSpec]], method: An
     ``labels`` are the first training batch's, checked against the student's class count;
     ``method_code(where)`` is the context the method's own code runs in (naming its plugin)."""
     batch: Batch = ctx.example.to(ctx.device)
-    outputs = {role: _run(ctx.raw(role), batch, *specs[role], dataset) for role in specs}
+    outputs = {role: _run(ctx.raw(role), batch.seen_by(role), *specs[role], dataset) for role in specs}
     student_key, student_spec = specs["student"]
     classes = outputs["student"].shape[-1]
     if labels is not None:
@@ -39,6 +39,9 @@ def check_stage(ctx: Any, specs: Mapping[str, tuple[str, ModelSpec]], method: An
         if labels.numel() and int(labels.max()) >= classes:
             raise ConfigError(f"{_classes(student_key, student_spec, classes)}, but data.dataset {dataset!r} has "
                               f"labels up to {int(labels.max())}: the student needs at least {int(labels.max()) + 1}")
+    if batch.teacher_view is not None:  # teachers with their own tokenizer: each covers its own labels
+        _check_teacher_labels(batch.teacher_view.labels, outputs, specs, dataset, ctx.ignore_index)
+        return
     teachers = [outputs[role] for role in specs if role != "student"]
     teacher_side = "; ".join(_classes(key, spec, outputs[role].shape[-1]) for role, (key, spec) in specs.items()
                              if role != "student" and outputs[role].shape[-1] != classes)
@@ -53,6 +56,18 @@ def check_stage(ctx: Any, specs: Mapping[str, tuple[str, ModelSpec]], method: An
         raise
     if isinstance(reference, torch.Tensor) and reference.shape[-1] != classes:
         raise ConfigError(mismatch.format(teacher_side or f"the teacher prediction has {reference.shape[-1]}"))
+
+
+def _check_teacher_labels(labels: torch.Tensor | None, outputs: Mapping[str, torch.Tensor],
+                          specs: Mapping[str, tuple[str, ModelSpec]], dataset: str, ignore_index: int) -> None:
+    if labels is None:
+        return
+    labels = labels[labels != ignore_index]
+    for role, (key, spec) in specs.items():
+        classes = outputs[role].shape[-1]
+        if role != "student" and labels.numel() and int(labels.max()) >= classes:
+            raise ConfigError(f"{_classes(key, spec, classes)}, but the teacher tokens of data.dataset {dataset!r} go "
+                              f"up to {int(labels.max())}: does {key}.tokenizer belong to this model?")
 
 
 def _run(model: torch.nn.Module, batch: Batch, key: str, spec: ModelSpec, dataset: str) -> torch.Tensor:

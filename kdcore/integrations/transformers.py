@@ -10,10 +10,19 @@
 - :class:`KDTrainer`: a ``transformers.Trainer`` whose loss is ``causal_lm_kd_loss`` (plus the
   usual cross-entropy, weighted), for people who stay in Trainer. It divides by Trainer's count
   of the step's target tokens, so gradient accumulation gives the full-batch gradient.
+
+Both distil across tokenizers when given ``student_tokenizer`` and ``teacher_tokenizer``: the
+batch is the student's (its ``input_ids``, ``labels``), its text is rebuilt from the student's
+tokens and tokenized for the teacher, the two are aligned, and the loss is
+:func:`kdcore.cross_tokenizer.cross_tokenizer_kd_loss` (``cross_tokenizer`` options: ``loss``,
+``vocabulary`` (``"projected"`` or ``"exact"``, see :func:`kdcore.cross_tokenizer.shared_vocabulary`),
+``uld_top_k``, ``shared_weight``, ``uld_weight``, ``chunk_size``). :class:`AlignedCollator` does the
+re-tokenization and alignment in the DataLoader's workers instead of in the training step.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -46,6 +55,10 @@ def causal_lm(model_type: str | None = None, pretrained: str | None = None, **co
 
 KD_OPTIONS = ("divergence", "temperature", "beta", "alpha", "t2_scale", "kd_weight", "ce_weight", "sparse_mode",
               "vocab_size", "backend")
+#: options of the cross-tokenizer loss, besides kd_loss's divergence options
+CROSS_TOKENIZER_OPTIONS = ("loss", "vocabulary", "uld_top_k", "shared_weight", "uld_weight", "spans", "chunk_size")
+#: the batch entries AlignedCollator adds (the teacher's view in the engine's next-token layout)
+ALIGNED_KEYS = ("teacher_input_ids", "teacher_attention_mask", "teacher_labels", "student_spans", "teacher_spans")
 
 
 def hidden_states_and_head(model, head_owner, inputs: Mapping[str, torch.Tensor]):
@@ -87,7 +100,8 @@ def next_token_labels(labels: torch.Tensor) -> torch.Tensor:
 
 
 def causal_lm_kd_loss(student, teacher, batch: Mapping[str, torch.Tensor], *, fused: bool = False,
-                      normalizer: float | torch.Tensor | None = None, **options: Any) -> torch.Tensor:
+                      normalizer: float | torch.Tensor | None = None, student_tokenizer: Any = None,
+                      teacher_tokenizer: Any = None, **options: Any) -> torch.Tensor:
     """The distillation loss of ``student`` (a causal-LM ``PreTrainedModel``) against ``teacher``
     (another, run here under ``no_grad``; or a :class:`SparseTeacher` of shape ``[B, L-1, k]``, one
     entry per predicting position) on ``batch`` (``input_ids``, optional ``attention_mask``,
@@ -98,10 +112,18 @@ def causal_lm_kd_loss(student, teacher, batch: Mapping[str, torch.Tensor], *, fu
     :func:`kdcore.kd_loss`'s (``divergence``, ``temperature``, ``beta``, ``alpha``, ``t2_scale``,
     ``kd_weight``, ``ce_weight``, ``sparse_mode``, ``vocab_size`` for vocabularies of different
     sizes, ``backend``); the mean is over counted tokens, or ``normalizer``.
+
+    With ``student_tokenizer`` and ``teacher_tokenizer`` (tokenizers with offsets: a
+    ``tokenizers.Tokenizer`` or a fast ``transformers`` tokenizer) the teacher reads its own
+    tokenization of the batch's text and the loss is the cross-tokenizer one (see the module
+    docstring), averaged over the student's counted tokens like the rest; ``ce_weight`` adds the
+    student's cross-entropy. The batch may carry the teacher's view already (:class:`AlignedCollator`).
     """
-    unknown = sorted(set(options) - set(KD_OPTIONS))
+    cross = student_tokenizer is not None or teacher_tokenizer is not None
+    allowed = KD_OPTIONS + CROSS_TOKENIZER_OPTIONS if cross else KD_OPTIONS
+    unknown = sorted(set(options) - set(allowed))
     if unknown:
-        raise TypeError(f"causal_lm_kd_loss: unknown option(s) {unknown}; choose from {list(KD_OPTIONS)}")
+        raise TypeError(f"causal_lm_kd_loss: unknown option(s) {unknown}; choose from {list(allowed)}")
     if "labels" not in batch or "input_ids" not in batch:
         raise ValueError("causal_lm_kd_loss: the batch needs input_ids and labels (Hugging Face's convention: the "
                          "input ids with -100 on prompt and padding tokens)")
@@ -109,6 +131,12 @@ def causal_lm_kd_loss(student, teacher, batch: Mapping[str, torch.Tensor], *, fu
     if isinstance(teacher, torch.nn.Module) and teacher.training:
         raise ValueError("causal_lm_kd_loss: the teacher is in training mode (dropout would perturb its targets); "
                          "call teacher.eval()")
+    if cross:
+        if student_tokenizer is None or teacher_tokenizer is None or isinstance(teacher, SparseTeacher):
+            raise ValueError("causal_lm_kd_loss: distilling across tokenizers needs both student_tokenizer and "
+                             "teacher_tokenizer, and a teacher model (not a SparseTeacher)")
+        return _cross_tokenizer_loss(student, teacher, batch, student_tokenizer, teacher_tokenizer, fused=fused,
+                                     normalizer=normalizer, **options)
     common = dict(labels=labels, normalizer=normalizer, **options)
     sparse = isinstance(teacher, SparseTeacher)
     if sparse:
@@ -133,11 +161,122 @@ def causal_lm_kd_loss(student, teacher, batch: Mapping[str, torch.Tensor], *, fu
     return kdcore.kd_loss(logits, teacher_logits, **common)
 
 
+def _aligned(batch: Mapping[str, torch.Tensor], student_tokenizer: Any, teacher_tokenizer: Any):
+    """The student's next-token labels and spans, and the teacher's view, of a Hugging Face batch:
+    from the batch when :class:`AlignedCollator` put them there, else computed now."""
+    from kdcore.engine.data import Batch
+
+    if all(key in batch for key in ALIGNED_KEYS):
+        view = Batch({"input_ids": batch["teacher_input_ids"], "attention_mask": batch["teacher_attention_mask"]},
+                     batch["teacher_labels"], spans=batch["teacher_spans"])
+        return next_token_labels(batch["labels"]), batch["student_spans"][:, :-1], view
+    aligned = _retokenizer(student_tokenizer, teacher_tokenizer)(_student_view(batch))
+    return next_token_labels(batch["labels"]), aligned.spans[:, :-1], aligned.teacher_view
+
+
+def _student_view(batch: Mapping[str, torch.Tensor]):
+    """A Hugging Face batch in the engine's layout over the full ``input_ids`` (the labels moved one
+    position left, the last position unlabelled), which :class:`Retokenizer` reads."""
+    from kdcore.engine.data import Batch
+
+    labels = torch.nn.functional.pad(next_token_labels(batch["labels"]), (0, 1), value=-100)
+    return Batch(model_inputs(batch), labels)
+
+
+_RETOKENIZERS: dict[tuple[str, str], Any] = {}
+_VOCABULARIES: dict[tuple[str, str, str], Any] = {}
+
+
+def _fingerprint(tokenizer: Any) -> str:
+    from kdcore.cross_tokenizer.vocabulary import backend
+
+    return hashlib.sha256(backend(tokenizer).to_str().encode()).hexdigest()
+
+
+def _retokenizer(student_tokenizer: Any, teacher_tokenizer: Any):
+    """One :class:`Retokenizer` per pair of tokenizers (its token table costs a pass over the vocabulary)."""
+    from kdcore.cross_tokenizer.retokenize import Retokenizer
+
+    key = (_fingerprint(student_tokenizer), _fingerprint(teacher_tokenizer))
+    if key not in _RETOKENIZERS:
+        _RETOKENIZERS[key] = Retokenizer(student_tokenizer, teacher_tokenizer)
+    return _RETOKENIZERS[key]
+
+
+def _vocabulary(student_tokenizer: Any, teacher_tokenizer: Any, mode: str):
+    from kdcore.cross_tokenizer.vocabulary import shared_vocabulary
+
+    key = (_fingerprint(student_tokenizer), _fingerprint(teacher_tokenizer), mode)
+    if key not in _VOCABULARIES:
+        _VOCABULARIES[key] = shared_vocabulary(student_tokenizer, teacher_tokenizer, mode)
+    return _VOCABULARIES[key]
+
+
+def _cross_tokenizer_loss(student, teacher, batch, student_tokenizer, teacher_tokenizer, *, fused: bool, normalizer,
+                          **options: Any) -> torch.Tensor:
+    from kdcore.cross_tokenizer.losses import cross_tokenizer_kd_loss, fused_linear_cross_tokenizer_kd_loss
+
+    unsupported = sorted(set(options) & {"sparse_mode", "vocab_size"})
+    if unsupported:
+        raise TypeError(f"causal_lm_kd_loss: {unsupported} have no meaning across tokenizers")
+    kd_weight, ce_weight = options.pop("kd_weight", 1.0), options.pop("ce_weight", 0.0)
+    labels, spans, view = _aligned(batch, student_tokenizer, teacher_tokenizer)
+    device = batch["input_ids"].device
+    view = view.to(device)
+    mode = options.pop("vocabulary", "projected")
+    if options.get("loss", "hybrid") != "uld":
+        options["vocabulary"] = _vocabulary(student_tokenizer, teacher_tokenizer, mode)
+    if normalizer is None:
+        normalizer = (labels != -100).sum().clamp_min(1).float()
+    common = dict(student_labels=labels.masked_fill(spans < 0, 0), teacher_labels=view.labels.masked_fill(view.spans < 0, 0),
+                  student_spans=spans, teacher_spans=view.spans, normalizer=normalizer, **options)
+    if fused:
+        if ce_weight:
+            raise ValueError("causal_lm_kd_loss: ce_weight with fused=True is not supported across tokenizers (the "
+                             "fused path never builds the student's logits); use fused=False")
+        hidden, weight, bias = hidden_states_and_head(student, student, model_inputs(batch))
+        with torch.no_grad():
+            t_hidden, t_weight, t_bias = hidden_states_and_head(teacher, teacher, view.inputs)
+        return kd_weight * fused_linear_cross_tokenizer_kd_loss(hidden[:, :-1], weight, t_hidden, t_weight,
+                                                                student_bias=bias, teacher_bias=t_bias, **common)
+    logits = _logits(student, batch)[:, :-1]
+    with torch.no_grad():
+        teacher_logits = teacher(**view.inputs).logits
+    loss = kd_weight * cross_tokenizer_kd_loss(logits, teacher_logits, **common)
+    if ce_weight:
+        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                                               ignore_index=-100, reduction="sum")
+        loss = loss + ce_weight * ce / torch.as_tensor(normalizer, dtype=torch.float32, device=ce.device)
+    return loss
+
+
+class AlignedCollator:
+    """Wraps a Hugging Face collator (``collate(features) -> batch`` with ``input_ids``,
+    ``attention_mask``, ``labels``) for distilling across tokenizers: each batch also carries the
+    teacher's tokenization of its text and the alignment (``teacher_input_ids``,
+    ``teacher_attention_mask``, ``teacher_labels``, ``student_spans``, ``teacher_spans``), computed
+    here, in the DataLoader's worker processes, so the training step does not wait for it."""
+
+    def __init__(self, collate, student_tokenizer: Any, teacher_tokenizer: Any) -> None:
+        self.collate = collate
+        self.student_tokenizer, self.teacher_tokenizer = student_tokenizer, teacher_tokenizer
+
+    def __call__(self, features):
+        batch = dict(self.collate(features))
+        aligned = _retokenizer(self.student_tokenizer, self.teacher_tokenizer)(_student_view(batch))
+        view = aligned.teacher_view
+        batch.update(teacher_input_ids=view.inputs["input_ids"], teacher_attention_mask=view.inputs["attention_mask"],
+                     teacher_labels=view.labels, student_spans=aligned.spans, teacher_spans=view.spans)
+        return batch
+
+
 class KDTrainer(transformers.Trainer):
     """``transformers.Trainer`` training a student against ``teacher`` with
     :func:`causal_lm_kd_loss`. ``kd_options`` are its options (e.g. ``divergence="jsd"``,
-    ``temperature=2.0``, ``ce_weight=0.5``, ``fused=True``). The teacher is moved to the student's
-    device and kept in eval mode; it is never trained.
+    ``temperature=2.0``, ``ce_weight=0.5``, ``fused=True``; ``student_tokenizer`` and
+    ``teacher_tokenizer`` to distil across tokenizers, best with an :class:`AlignedCollator` as the
+    ``data_collator``). The teacher is moved to the student's device and kept in eval mode; it is
+    never trained.
 
     Trainer counts the target tokens of the whole step (``num_items_in_batch``, over every
     accumulated micro-batch and process); the loss divides by it, so the accumulated gradient
