@@ -52,6 +52,28 @@ def generation_options(method: str, options: Mapping[str, Any]) -> GenerationOpt
     return chosen
 
 
+def on_policy_step(ctx, lmbda: float) -> bool:
+    """Whether the current optimizer step trains on the student's own samples: drawn with
+    probability ``lmbda`` from the run's seed, the stage and the step, so every process and
+    micro-batch agrees and a resumed run draws the same."""
+    generator = torch.Generator().manual_seed(ctx.run.config.seed * 1_000_003 + ctx.index * 7_919 + ctx.step)
+    return bool(torch.rand((), generator=generator) < lmbda)
+
+
+def hidden_state_outputs(batch, ctx):
+    """Outputs for the fused LM-head losses: the last hidden states stand in for the logits, and
+    ``features`` hold ``(hidden, head weight, bias)`` of ``"student"`` (called through
+    ``ctx.models``, so DDP sees it) and of ``"teacher0"`` (under no_grad, on the batch as the
+    teacher reads it)."""
+    from kdcore.engine.method import Outputs
+    from kdcore.integrations.transformers import hidden_states_and_head
+
+    student = hidden_states_and_head(ctx.models["student"], ctx.raw("student"), batch.inputs)
+    with torch.no_grad():
+        teacher = hidden_states_and_head(ctx.raw("teacher0"), ctx.raw("teacher0"), batch.seen_by("teacher0").inputs)
+    return Outputs(student=student[0], teachers=[teacher[0]], features={"student": student, "teacher0": teacher})
+
+
 def without_teachers(method: str, config) -> list:
     """The (empty) teacher list of a method that trains without a teacher; teachers in the run
     config would be ignored, so they are an error instead."""

@@ -35,7 +35,6 @@ on-policy text is longer; None: the model config's), and the generation keys of 
 
 from __future__ import annotations
 
-import torch
 
 import kdcore
 from kdcore.cross_tokenizer.losses import (
@@ -48,11 +47,11 @@ from kdcore.cross_tokenizer.retokenize import Retokenizer
 from kdcore.cross_tokenizer.vocabulary import VOCABULARY_MODES, shared_vocabulary
 from kdcore.engine.builders import build_tokenizers
 from kdcore.engine.data import Batch
-from kdcore.engine.method import Outputs, options_of
+from kdcore.engine.method import options_of
 from kdcore.engine.terms import cross_entropy
 from kdcore.functional import loss_options
 from kdcore.integrations.generation import continue_prompts, require_generate
-from kdcore_plugins.common import GENERATION_DEFAULTS, generation_options
+from kdcore_plugins.common import GENERATION_DEFAULTS, generation_options, hidden_state_outputs, on_policy_step
 
 LOSS_KEYS = ("loss", "divergence", "temperature", "beta", "alpha", "uld_top_k", "shared_weight", "uld_weight",
              "spans", "chunk_size")
@@ -124,10 +123,7 @@ class CrossTokenizerKD(kdcore.Method):
 
     def on_policy(self, ctx) -> bool:
         """Whether the current step trains on the student's samples (the same draw as gkd's)."""
-        if self.lmbda <= 0:
-            return False
-        generator = torch.Generator().manual_seed(ctx.run.config.seed * 1_000_003 + ctx.index * 7_919 + ctx.step)
-        return bool(torch.rand((), generator=generator) < self.lmbda)
+        return self.lmbda > 0 and on_policy_step(ctx, self.lmbda)
 
     def prepare_batch(self, batch, ctx):
         if not self.on_policy(ctx):
@@ -140,19 +136,13 @@ class CrossTokenizerKD(kdcore.Method):
     def run_models(self, batch, ctx, trainable):
         if not self.fused:
             return super().run_models(batch, ctx, trainable)
-        from kdcore.integrations.transformers import hidden_states_and_head
-
-        student = hidden_states_and_head(ctx.models["student"], ctx.raw("student"), batch.inputs)
-        with torch.no_grad():
-            teacher = hidden_states_and_head(ctx.raw("teacher0"), ctx.raw("teacher0"), batch.seen_by("teacher0").inputs)
-        return Outputs(student=student[0], teachers=[teacher[0]], features={"student": student, "teacher0": teacher})
+        return hidden_state_outputs(batch, ctx)
 
     def losses(self, batch, outputs, ctx):
         view = batch.teacher_view
         if view is None or batch.spans is None or view.spans is None:
             raise ValueError("cross_tokenizer_kd: the batch carries no alignment; use data.dataset: aligned_text")
-        common = dict(student_labels=batch.labels.masked_fill(batch.spans < 0, 0),
-                      teacher_labels=view.labels.masked_fill(view.spans < 0, 0), student_spans=batch.spans,
+        common = dict(student_labels=batch.labels, teacher_labels=view.labels, student_spans=batch.spans,
                       teacher_spans=view.spans, vocabulary=self.vocabulary, normalizer=ctx.normalizer,
                       **self.loss_options)
         if self.fused:

@@ -22,13 +22,12 @@ Config keys: ``lmbda`` (0.5), ``seq_kd`` (false), ``divergence`` ("jsd"), ``beta
 
 from __future__ import annotations
 
-import torch
 
 import kdcore
 from kdcore.engine.method import options_of
 from kdcore.functional import loss_options
 from kdcore.integrations.generation import continue_prompts, require_generate
-from kdcore_plugins.common import GENERATION_DEFAULTS, generation_options
+from kdcore_plugins.common import GENERATION_DEFAULTS, generation_options, on_policy_step
 
 DEFAULTS = dict(GENERATION_DEFAULTS, do_sample=True, lmbda=0.5, seq_kd=False, divergence="jsd", beta=0.5, alpha=0.1,
                 temperature=1.0)
@@ -60,8 +59,7 @@ class GKD(kdcore.Method):
 
     def on_policy(self, ctx) -> bool:
         """Whether the current step trains on the student's samples."""
-        generator = torch.Generator().manual_seed(ctx.run.config.seed * 1_000_003 + ctx.index * 7_919 + ctx.step)
-        return bool(torch.rand((), generator=generator) < self.lmbda)
+        return on_policy_step(ctx, self.lmbda)
 
     def prepare_batch(self, batch, ctx):
         if self.on_policy(ctx):

@@ -20,11 +20,11 @@ Config keys: ``divergence`` (default ``"forward_kl"``), ``temperature`` (1.0), `
 
 from __future__ import annotations
 
-import torch
 
 import kdcore
-from kdcore.engine.method import Outputs, options_of
+from kdcore.engine.method import options_of
 from kdcore.functional import loss_options
+from kdcore_plugins.common import hidden_state_outputs
 
 DEFAULTS = dict(divergence="forward_kl", temperature=1.0, beta=0.5, alpha=0.1, kd_weight=1.0, ce_weight=0.0,
                 fused=False, vocab_size=None)
@@ -52,13 +52,7 @@ class LLMKD(kdcore.Method):
     def run_models(self, batch, ctx, trainable):
         if not self.fused:
             return super().run_models(batch, ctx, trainable)
-        from kdcore.integrations.transformers import hidden_states_and_head
-
-        student = hidden_states_and_head(ctx.models["student"], ctx.raw("student"), batch.inputs)
-        with torch.no_grad():
-            teacher = hidden_states_and_head(ctx.raw("teacher0"), ctx.raw("teacher0"), batch.inputs)
-        # the hidden states stand in for the logits; the features hold (hidden, head weight, bias)
-        return Outputs(student=student[0], teachers=[teacher[0]], features={"student": student, "teacher0": teacher})
+        return hidden_state_outputs(batch, ctx)
 
     def losses(self, batch, outputs, ctx):
         common = dict(labels=batch.labels, ignore_index=ctx.ignore_index, normalizer=ctx.normalizer, **self.options)

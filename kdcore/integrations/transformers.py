@@ -22,7 +22,6 @@ re-tokenization and alignment in the DataLoader's workers instead of in the trai
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -183,33 +182,32 @@ def _student_view(batch: Mapping[str, torch.Tensor]):
     return Batch(model_inputs(batch), labels)
 
 
-_RETOKENIZERS: dict[tuple[str, str], Any] = {}
-_VOCABULARIES: dict[tuple[str, str, str], Any] = {}
+#: per pair of tokenizer objects (kept alive here, so their ids stay theirs): its Retokenizer and
+#: shared vocabularies by mode, built once (each costs a pass over the vocabularies), not per step
+_PAIRS: dict[tuple[int, int], tuple[Any, Any, Any, dict[str, Any]]] = {}
 
 
-def _fingerprint(tokenizer: Any) -> str:
-    from kdcore.cross_tokenizer.vocabulary import backend
+def _pair(student_tokenizer: Any, teacher_tokenizer: Any) -> tuple[Any, dict[str, Any]]:
+    from kdcore.cross_tokenizer.retokenize import Retokenizer
 
-    return hashlib.sha256(backend(tokenizer).to_str().encode()).hexdigest()
+    key = (id(student_tokenizer), id(teacher_tokenizer))
+    if key not in _PAIRS:
+        _PAIRS[key] = (student_tokenizer, teacher_tokenizer, Retokenizer(student_tokenizer, teacher_tokenizer), {})
+    return _PAIRS[key][2], _PAIRS[key][3]
 
 
 def _retokenizer(student_tokenizer: Any, teacher_tokenizer: Any):
-    """One :class:`Retokenizer` per pair of tokenizers (its token table costs a pass over the vocabulary)."""
-    from kdcore.cross_tokenizer.retokenize import Retokenizer
-
-    key = (_fingerprint(student_tokenizer), _fingerprint(teacher_tokenizer))
-    if key not in _RETOKENIZERS:
-        _RETOKENIZERS[key] = Retokenizer(student_tokenizer, teacher_tokenizer)
-    return _RETOKENIZERS[key]
+    """The :class:`Retokenizer` of a pair of tokenizers."""
+    return _pair(student_tokenizer, teacher_tokenizer)[0]
 
 
 def _vocabulary(student_tokenizer: Any, teacher_tokenizer: Any, mode: str):
     from kdcore.cross_tokenizer.vocabulary import shared_vocabulary
 
-    key = (_fingerprint(student_tokenizer), _fingerprint(teacher_tokenizer), mode)
-    if key not in _VOCABULARIES:
-        _VOCABULARIES[key] = shared_vocabulary(student_tokenizer, teacher_tokenizer, mode)
-    return _VOCABULARIES[key]
+    vocabularies = _pair(student_tokenizer, teacher_tokenizer)[1]
+    if mode not in vocabularies:
+        vocabularies[mode] = shared_vocabulary(student_tokenizer, teacher_tokenizer, mode)
+    return vocabularies[mode]
 
 
 def _cross_tokenizer_loss(student, teacher, batch, student_tokenizer, teacher_tokenizer, *, fused: bool, normalizer,
@@ -228,8 +226,8 @@ def _cross_tokenizer_loss(student, teacher, batch, student_tokenizer, teacher_to
         options["vocabulary"] = _vocabulary(student_tokenizer, teacher_tokenizer, mode)
     if normalizer is None:
         normalizer = (labels != -100).sum().clamp_min(1).float()
-    common = dict(student_labels=labels.masked_fill(spans < 0, 0), teacher_labels=view.labels.masked_fill(view.spans < 0, 0),
-                  student_spans=spans, teacher_spans=view.spans, normalizer=normalizer, **options)
+    common = dict(student_labels=labels, teacher_labels=view.labels, student_spans=spans, teacher_spans=view.spans,
+                  normalizer=normalizer, **options)
     if fused:
         if ce_weight:
             raise ValueError("causal_lm_kd_loss: ce_weight with fused=True is not supported across tokenizers (the "
