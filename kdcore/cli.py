@@ -132,7 +132,8 @@ def eval_command(args: argparse.Namespace) -> int:
     from kdcore.engine.distiller import Distiller
 
     metrics = Distiller(args.config, overrides=args.overrides).evaluate(args.checkpoint)
-    print(json.dumps(metrics, indent=2))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one copy of the (all-reduced) metrics
+        print(json.dumps(metrics, indent=2))
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -208,6 +209,13 @@ def kd_loss(
     gradient to compute (no grad mode, or a student that does not require grad) nothing is written.
     ``backend`` names a backend from ``kdcore.backends()``, or ``"auto"`` for the best available
     one for the tensors' device. The loss is float32 (float64 for float64 logits).
+
+    Logits that are DTensors sharded along the vocabulary (``Shard(-1)`` on a 1-D device mesh, as
+    ``ColwiseParallel(use_local_output=False)`` leaves an LM head's output) get the
+    vocabulary-parallel loss of :func:`kdcore.parallel.vocab_parallel_kd_loss` over the mesh's
+    process group: every rank returns the same plain-tensor loss, and no rank gathers the
+    vocabulary. ``labels`` and ``mask`` may then be plain tensors or ``Replicate`` DTensors; a
+    SparseTeacher, ``vocab_size`` and ``inplace_grad`` are not supported there.
     """
     fn = "kd_loss"
     options = loss_options(fn, divergence=divergence, temperature=temperature, beta=beta, alpha=alpha,
@@ -215,6 +223,12 @@ def kd_loss(
                            ignore_index=ignore_index, reduction=reduction)
     inplace_grad = _checks.boolean(fn, "inplace_grad", inplace_grad)
     teacher_logits = _one_teacher(fn, teacher_logits, teacher)
+    if _is_dtensor(student_logits) or _is_dtensor(teacher_logits):
+        from kdcore.parallel.vocab_parallel import kd_loss_on_dtensors
+
+        return kd_loss_on_dtensors(fn, student_logits, teacher_logits, options, labels=labels, mask=mask,
+                                   normalizer=normalizer, vocab_size=vocab_size, inplace_grad=inplace_grad,
+                                   backend=backend)
     if isinstance(teacher_logits, SparseTeacher):
         if inplace_grad:
             raise ValueError(f"{fn}: inplace_grad=True is not supported with a SparseTeacher")
@@ -223,18 +237,25 @@ def kd_loss(
                                vocab_size, backend)
     student, teacher, leading = logits_as_rows(fn, student_logits, teacher_logits, vocab_size)
     labels, mask, normalizer = row_arguments(fn, student, leading, labels, mask, normalizer, options)
-    backend = _chosen_backend(fn, backend, student, options, student.shape[1])
+    backend = chosen_backend(fn, backend, student, options, student.shape[1])
     grad_enabled = torch.is_grad_enabled()
     student_grad, teacher_grad = grad_enabled and student.requires_grad, grad_enabled and teacher.requires_grad
     scalars = options.scalars()
     if inplace_grad and student_grad:
         _check_inplace_target(fn, student_logits, student, teacher)
-        op = _op(resolve_op_name("kd_loss_inplace", backend, student.device.type, fn))
+        op = op_named(resolve_op_name("kd_loss_inplace", backend, student.device.type, fn))
         loss = InplaceKdLoss.apply(op, student, teacher, labels, mask, normalizer, *scalars, teacher_grad)
     else:
-        op = _op(resolve_op_name("kd_loss", backend, student.device.type, fn))
+        op = op_named(resolve_op_name("kd_loss", backend, student.device.type, fn))
         loss, _, _ = op(student, teacher, labels, mask, normalizer, *scalars, student_grad, teacher_grad)
     return loss.reshape(leading) if options.reduction == REDUCTION_NONE else loss
+
+
+def _is_dtensor(value) -> bool:
+    """Whether ``value`` is a DTensor, without importing torch.distributed.tensor (no DTensor can
+    exist before that module is imported)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(value, getattr(module, "DTensor", ()))
 
 
 def _one_teacher(fn: str, teacher_logits, teacher):
@@ -263,8 +284,8 @@ def _sparse_kd_loss(fn, student_logits, teacher: SparseTeacher, sparse_mode: int
     rows = _as_rows(student, vocab)
     indices, logprobs = teacher.rows(fn, leading, rows.device)
     labels, mask, normalizer = row_arguments(fn, rows, leading, labels, mask, normalizer, options)
-    backend = _chosen_backend(fn, backend, rows, options, vocab, family="kd_loss_sparse")
-    op = _op(resolve_op_name("kd_loss_sparse", backend, rows.device.type, fn))
+    backend = chosen_backend(fn, backend, rows, options, vocab, family="kd_loss_sparse")
+    op = op_named(resolve_op_name("kd_loss_sparse", backend, rows.device.type, fn))
     student_grad = torch.is_grad_enabled() and rows.requires_grad
     loss, _ = op(rows, indices, logprobs, labels, mask, normalizer, *options.scalars(), sparse_mode, student_grad)
     return loss.reshape(leading) if options.reduction == REDUCTION_NONE else loss
@@ -355,8 +376,8 @@ def fused_linear_kd_loss(
         chunk = _checks.integer(fn, "chunk_size", chunk_size)
         if chunk < 1:
             raise ValueError(f"{fn}: chunk_size must be at least 1, got {chunk}")
-    backend = _chosen_backend(fn, backend, hidden, options, vocab, family=family)
-    op = _op(resolve_op_name(family, backend, hidden.device.type, fn))
+    backend = chosen_backend(fn, backend, hidden, options, vocab, family=family)
+    op = op_named(resolve_op_name(family, backend, hidden.device.type, fn))
     if family == "kd_loss_sparse":
         mode = SPARSE_MODES[_checks.choice(fn, "sparse_mode", sparse_mode, SPARSE_MODES)]
         chunk_loss = sparse_teacher_chunks(op, indices, logprobs, options.scalars(), mode)
@@ -366,7 +387,7 @@ def fused_linear_kd_loss(
                                    vocab, chunk)
 
 
-def _chosen_backend(fn: str, backend, rows: torch.Tensor, options: LossOptions, vocab: int,
+def chosen_backend(fn: str, backend, rows: torch.Tensor, options: LossOptions, vocab: int,
                     family: str = "kd_loss") -> str:
     """``backend`` checked; ``"auto"`` for kd_loss on CUDA becomes the measured-fastest GPU backend
     for the problem (elsewhere resolution by priority happens in resolve_op_name)."""
@@ -429,6 +450,7 @@ def resolve_op_name(family: str, backend: str, device_type: str, caller: str) ->
     return plugins.host().backends.resolve(family, backend, device_type, caller)
 
 
-def _op(qualname: str):
+def op_named(qualname: str):
+    """The custom op registered under ``qualname`` (``namespace::name``)."""
     namespace, _, name = qualname.partition("::")
     return getattr(getattr(torch.ops, namespace), name)

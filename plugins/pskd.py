@@ -12,8 +12,6 @@ For classification (one label per example). Config keys: ``alpha`` (α_T, defaul
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,7 +28,7 @@ class Snapshot(nn.Module):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.model = copy.deepcopy(model)
+        self.model = model
         self.register_buffer("epoch", torch.tensor(-1))
 
 
@@ -48,7 +46,7 @@ class ProgressiveSelfKD(kdcore.Method):
         return [kdcore.Stage(self.name, teachers=without_teachers(self.name, config))]
 
     def setup(self, ctx):
-        ctx.add_module("snapshot", Snapshot(ctx.raw("student")), trainable=False)
+        ctx.add_module("snapshot", Snapshot(ctx.frozen_copy("student")), trainable=False)
 
     def losses(self, batch, outputs, ctx):
         snapshot = ctx.modules["snapshot"]

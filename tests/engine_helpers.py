@@ -7,6 +7,11 @@ user names a method that is not a registered plugin.
 from __future__ import annotations
 
 import copy
+import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +148,14 @@ def tiny_classifier() -> torch.nn.Module:
     return torch.nn.Linear(FEATURES, CLASSES)
 
 
+def batchnorm_classifier(in_features: int = FEATURES, num_classes: int = CLASSES, hidden=(32,)) -> torch.nn.Module:
+    """A classifier with buffers that training changes (BatchNorm running statistics); takes the
+    options of ``mlp`` (one hidden layer)."""
+    width = hidden[0]
+    return torch.nn.Sequential(torch.nn.Linear(in_features, width), torch.nn.BatchNorm1d(width), torch.nn.ReLU(),
+                               torch.nn.Linear(width, num_classes))
+
+
 def gpt2_spec(layers: int = 1, width: int = 32, checkpoint: str | None = None) -> dict[str, Any]:
     """A byte-level GPT-2 (``hf_causal_lm``) without dropout."""
     spec = {"model": "hf_causal_lm", "options": {
@@ -201,3 +214,61 @@ def cross_tokenizer_config(output_dir: Path, *, method: dict[str, Any], teachers
         "output_dir": str(output_dir),
         "seed": 3,
     }
+
+
+TESTS = Path(__file__).parent
+
+
+def torchrun(config_path: Path, processes: int, *args: str) -> dict[str, float]:
+    """``kdcore distill config_path *args`` under ``torchrun --nproc-per-node processes`` (gloo on
+    CPU); returns the final metrics the first process prints."""
+    done = launch(processes, "-m", "kdcore", "distill", str(config_path), *args)
+    assert done.returncode == 0, done.stderr[-4000:]
+    printed = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(printed) == 1, done.stdout  # only rank 0 prints
+    return json.loads(printed[0])
+
+
+def launch(processes: int, *argv: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc-per-node processes *argv``, with the tests' helpers importable."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", *argv]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def kill_at(config_path: Path, processes: int, step: int, script: Path) -> None:
+    """Runs ``config_path`` on ``processes`` processes until the first one is SIGKILLed after
+    optimizer step ``step`` (``script`` is where the launched program is written)."""
+    script.write_text("import kdcore\nfrom engine_helpers import KillAt\n"
+                      f"kdcore.Distiller({str(config_path)!r}, callbacks=[KillAt({step})]).fit()\n")
+    done = launch(processes, str(script))
+    assert "Signal 9 (SIGKILL)" in done.stderr or "exitcode  : -9" in done.stderr, done.stderr[-4000:]
+
+
+class KillAt:
+    """A callback that SIGKILLs the first process after optimizer step ``step``, as a crash or a
+    preempted machine would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    @kdcore.hookimpl
+    def kdcore_step_end(self, step):
+        if step == self.step and int(os.environ.get("RANK", "0")) == 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Crash(Exception):
+    """What :class:`CrashAfterStep` raises: a run dying mid-stage."""
+
+
+class CrashAfterStep:
+    """A callback that raises :class:`Crash` after optimizer step ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    @kdcore.hookimpl
+    def kdcore_step_end(self, step):
+        if step == self.step:
+            raise Crash

@@ -22,6 +22,8 @@ from kdcore.integrations.transformers import AlignedCollator, KDTrainer, causal_
 from engine_helpers import (  # noqa: E402
     STUDENT_TOKENIZER,
     TEACHER_TOKENIZER,
+    Crash,
+    CrashAfterStep,
     cross_tokenizer_config,
     tokenized_gpt2_spec,
 )
@@ -105,19 +107,6 @@ def test_on_policy_steps_retokenize_the_student_s_samples(tmp_path):
     assert (batch.spans[~labelled] == -1).all()
     assert labelled.sum(1).max() <= 8  # only the generated tokens are labelled
 
-
-class Crash(Exception):
-    pass
-
-
-class CrashAfterStep:
-    def __init__(self, step):
-        self.step = step
-
-    @kdcore.hookimpl
-    def kdcore_step_end(self, step):
-        if step == self.step:
-            raise Crash
 
 
 def test_resume_after_a_crash_is_identical(tmp_path):

@@ -15,20 +15,9 @@ import torch
 import yaml
 
 import kdcore
-from engine_helpers import classification_config, cross_tokenizer_config, gpt2_spec, text_config
+from engine_helpers import classification_config, cross_tokenizer_config, gpt2_spec, launch, text_config, torchrun
 
 TESTS = Path(__file__).parent
-
-
-def torchrun(config_path: Path, processes: int) -> dict[str, float]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
-               "-m", "kdcore", "distill", str(config_path)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-    printed = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    assert len(printed) == 1, done.stdout  # only rank 0 prints
-    return json.loads(printed[0])
 
 
 def hf_config(tmp_path):
@@ -114,23 +103,21 @@ def test_on_policy_distillation_under_two_processes(tmp_path):
 
 
 @pytest.mark.slow
-def test_thirty_two_process_launches_exit_cleanly(tmp_path):
+@pytest.mark.parametrize("parallel, launches", [("ddp", 30), ("fsdp", 12)])
+def test_two_process_launches_exit_cleanly(tmp_path, parallel, launches):
     """Every rank leaves with status 0 after a successful run: the DDP wrappers are released before
     the process group is destroyed (a wrapper torn down after its group aborts its process with
-    'terminate called without an active exception', a few launches in fifty)."""
+    'terminate called without an active exception', a few launches in fifty); sharded models too."""
     failures = []
-    for launch in range(30):
-        config = classification_config(tmp_path / f"run{launch}", method={"name": "supervised"},
-                                       training={"epochs": 1, "log_every": 4})
-        path = tmp_path / f"run{launch}.yaml"
+    for attempt in range(launches):
+        config = classification_config(tmp_path / f"run{attempt}", method={"name": "supervised"},
+                                       training={"epochs": 1, "log_every": 4, "parallel": parallel})
+        path = tmp_path / f"run{attempt}.yaml"
         path.write_text(yaml.safe_dump(config))
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
-        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                               "-m", "kdcore", "distill", str(path)], env=env, capture_output=True, text=True,
-                              timeout=300)
+        done = launch(2, "-m", "kdcore", "distill", str(path), timeout=300)
         if done.returncode != 0:
-            failures.append((launch, done.stderr[-1500:]))
-    assert not failures, f"{len(failures)} of 30 launches failed; the first: {failures[0]}"
+            failures.append((attempt, done.stderr[-1500:]))
+    assert not failures, f"{len(failures)} of {launches} launches failed; the first: {failures[0]}"
 
 
 def test_every_rank_stops_on_a_busy_directory(tmp_path):

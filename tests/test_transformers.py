@@ -1,6 +1,6 @@
 """The Hugging Face integration on tiny causal LMs built from configs (offline): the loss against a
 hand-written formula, masked prompt/padding tokens, fused = materialized, different vocabularies,
-sparse (cached) teachers, and KDTrainer's gradient accumulation."""
+sparse (cached) teachers, and KDTrainer's gradient accumulation and evaluation."""
 
 from __future__ import annotations
 
@@ -162,6 +162,18 @@ def test_trainer_accumulation_matches_the_full_batch(tmp_path):
     before = gpt2().float().lm_head.weight.detach()
     assert not torch.allclose(full, before)  # it trained
     torch.testing.assert_close(halves, full, rtol=1e-4, atol=1e-6)
+
+
+def test_trainer_evaluates_the_distillation_loss(tmp_path):
+    """evaluate() reports the loss over the evaluation batch's counted tokens (the loss hands
+    Trainer's evaluation no logits)."""
+    student, teacher, data = gpt2().float(), gpt2(layers=2, seed=5).float(), batch(size=4, seed=9)
+    options = {"temperature": 2.0, "ce_weight": 0.5, "divergence": "jsd"}
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=4, report_to=[],
+                                          use_cpu=True)
+    trainer = KDTrainer(model=student, args=args, eval_dataset=_Rows(data), teacher=teacher, kd_options=options)
+    expected = causal_lm_kd_loss(student, teacher, data, **options)
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_distiller_trains_hugging_face_models_from_a_config(tmp_path):

@@ -105,10 +105,26 @@ class SchedulerSpec(_Section):
     gamma: PositiveFloat = 0.1
 
 
+class FsdpSpec(_Section):
+    """How ``training.parallel: fsdp`` shards (see docs/scale.md). ``shard_modules``: class names of
+    the blocks sharded one by one, besides the blocks a Hugging Face model declares
+    (``_no_split_modules``); each model is also sharded at its root. ``mixed_precision: bf16``
+    computes with bf16 parameters and reduces gradients in float32. ``reshard_after_forward``
+    frees the student's gathered blocks after the forward pass (gathered again for backward):
+    less memory, more communication. Teachers always reshard after forward."""
+
+    shard_modules: list[str] = Field(default_factory=list)
+    mixed_precision: Literal["fp32", "bf16"] = "fp32"
+    reshard_after_forward: bool = True
+
+
 class TrainingSpec(_Section):
     """``epochs`` per stage (a method's plan may set its own); ``grad_accum`` micro-batches per
     optimizer step; ``precision: bf16`` runs forward passes under bf16 autocast; ``loss_weights``
-    overrides the method's weights of its named terms."""
+    overrides the method's weights of its named terms. ``parallel`` is how several processes
+    (``torchrun``) share the work: ``ddp`` (every process holds whole models, gradients are
+    all-reduced) or ``fsdp`` (FSDP2: parameters, gradients and optimizer state are sharded over
+    the processes, teachers too; options under ``fsdp``). ``fsdp`` also runs in one process."""
 
     epochs: PositiveInt = 1
     grad_accum: PositiveInt = 1
@@ -117,6 +133,17 @@ class TrainingSpec(_Section):
     loss_weights: dict[str, NonNegativeFloat] = Field(default_factory=dict)
     log_every: PositiveInt = 10
     find_unused_parameters: bool = False
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    fsdp: FsdpSpec | None = None
+
+    @pydantic.model_validator(mode="after")
+    def _fsdp_options_need_fsdp(self) -> TrainingSpec:
+        if self.fsdp is not None and self.parallel != "fsdp":
+            raise ValueError("training.fsdp sets FSDP options, but training.parallel is 'ddp'; set "
+                             "training.parallel: fsdp, or remove training.fsdp")
+        if self.parallel == "fsdp" and self.find_unused_parameters:
+            raise ValueError("training.find_unused_parameters is a DDP option; FSDP needs no such setting, remove it")
+        return self
 
 
 class EvalSpec(_Section):

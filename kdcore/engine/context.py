@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -22,10 +23,14 @@ class StageContext:
     ``models`` maps ``"student"``, ``"teacher0"``, ``"teacher1"``, ... to the modules to call (under
     DDP, a trainable model is its ``DistributedDataParallel`` wrapper), and ``modules`` holds the
     extra modules the method added; call both through the context, not through references kept
-    from :meth:`kdcore.Method.setup`, so that multi-process training sees the calls.
+    from :meth:`kdcore.Method.setup`, so that multi-process training sees the calls. ``sharded``
+    says the models are sharded over the processes (``training.parallel: fsdp``): their parameters
+    are then ``DTensor`` shards outside forward passes, and a model cannot be deep-copied: the
+    engine passes ``copier`` (a role to a frozen sharded copy), which :meth:`frozen_copy` uses.
     """
 
-    def __init__(self, run: Any, stage: Any, index: int, device: torch.device, models: dict[str, nn.Module]) -> None:
+    def __init__(self, run: Any, stage: Any, index: int, device: torch.device, models: dict[str, nn.Module], *,
+                 copier: Callable[[str], nn.Module] | None = None) -> None:
         self.run, self.stage, self.index, self.device = run, stage, index, device
         self.models = dict(models)
         self.modules: dict[str, nn.Module] = {}
@@ -35,10 +40,12 @@ class StageContext:
         self.normalizer = 1.0
         self.example_normalizer = 1.0
         self.ignore_index = -100
+        self.sharded = copier is not None
         self.features: dict[str, torch.Tensor] = {}
         self.example: Batch | None = None  # two training examples, for dry_run
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._raw = dict(models)  # the unwrapped modules, which taps and checkpoints use
+        self._copier = copier  # how a sharded run copies a model (a sharded model cannot be deep-copied)
 
     @property
     def student(self) -> nn.Module:
@@ -71,6 +78,17 @@ class StageContext:
             self.trainable_modules.add(name)
         else:
             module.requires_grad_(False)
+
+    def frozen_copy(self, model: str) -> nn.Module:
+        """A frozen copy of ``model`` (``"student"``, ``"teacher0"``, ...): same weights, no
+        gradients, eval mode, on the stage's device. In a sharded run it is sharded the way frozen
+        teachers are (a sharded model cannot be deep-copied). Refresh it with
+        ``copy.load_state_dict(ctx.raw(model).state_dict())``."""
+        if model not in self.models:
+            raise ValueError(f"frozen_copy: unknown model {model!r}; this stage has {', '.join(self.models)}")
+        if self._copier is not None:
+            return self._copier(model)
+        return copy.deepcopy(self._raw[model]).requires_grad_(False).eval()
 
     def tap(self, model: str, layer: str) -> str:
         """Records the output of ``layer`` (a submodule path such as ``"layer3"`` or

@@ -12,7 +12,9 @@ Files in ``output_dir``: ``checkpoint.pt`` (the latest) and ``checkpoint.previou
 before it), ``metrics.jsonl`` (events), ``stages/<i>-<name>/student.pt`` (each stage's trained
 student, a plain state dict; trained teachers beside it as ``teacher<k>.pt``), ``student.pt`` (the
 final student, written when the last stage ends) and ``.lock`` (held while a run is going; see
-:mod:`kdcore.engine.rundir`).
+:mod:`kdcore.engine.rundir`). A sharded run (``training.parallel: fsdp``, see
+:mod:`kdcore.engine.sharding`) keeps its model and optimizer state in ``shards/<checkpoint>/``,
+written by every process; ``student.pt`` and the stage files are plain whole state dicts all the same.
 """
 
 from __future__ import annotations
@@ -115,7 +117,7 @@ class Distiller:
     def fit(self, resume: bool = False) -> dict[str, float]:
         """Runs every stage (from the checkpoint in ``output_dir`` when ``resume``) and returns the
         final evaluation's metrics. The output directory is locked for the whole run."""
-        procs = distributed.start(self.config.device)
+        procs = distributed.start(self.config.device, self.config.training.parallel)
         directory = self._directory = RunDirectory(self.output_dir)
         try:
             with directory:
@@ -205,11 +207,14 @@ class Distiller:
         (every process takes part: RNG states are gathered)."""
         rng = procs.gather(checkpoint.rng_state())
         if procs.is_main:
-            (self._directory or RunDirectory(self.output_dir)).save_checkpoint({
+            directory = self._directory or RunDirectory(self.output_dir)
+            directory.save_checkpoint({
                 "version": CHECKPOINT_VERSION, "config": self.config.model_dump(mode="json"), "stage": stage,
                 "stage_state": stage_state, "rng": rng, "log_offset": log.offset(), "metrics": self.metrics,
                 "teacher_metrics": self._teacher_metrics,
             })
+            if procs.sharded:
+                directory.prune_shards()
         procs.barrier()
 
     # -- evaluation -----------------------------------------------------------------------------
@@ -252,7 +257,7 @@ class _Stage:
         specs = {"student": (self._key("student", stage.student), run.student_spec(self.index))}
         specs.update({f"teacher{i}": (self._key(f"teachers.{i}", stage.teachers), spec)
                       for i, spec in enumerate(run.teacher_specs(self.index))})
-        models = {role: build_model(spec, key).to(device) for role, (key, spec) in specs.items()}
+        models = {role: build_model(spec, key) for role, (key, spec) in specs.items()}
         unknown = set(stage.trainable) - set(models)
         if unknown:
             raise ConfigError(f"stage {stage.name!r}: trainable names {sorted(unknown)}, but the stage has "
@@ -260,7 +265,19 @@ class _Stage:
         for role, model in models.items():
             if role not in stage.trainable:
                 model.requires_grad_(False).eval()
-        ctx = self.ctx = run.context = StageContext(run, stage, self.index, device, models)
+        self.sharding = None
+        if procs.sharded:  # built on the CPU; each process's device receives only its shards
+            from kdcore.engine.sharding import Sharding  # torch.distributed's FSDP, only for sharded runs
+
+            self.sharding = Sharding(procs, config.training.fsdp, models, stage.trainable)
+            self.log.say(f"[{stage.name}] {self.sharding.describe()}")
+        else:
+            models = {role: model.to(device) for role, model in models.items()}
+        copier = None
+        if self.sharding is not None:
+            def copier(role: str) -> nn.Module:
+                return self.sharding.frozen_copy(lambda: build_model(specs[role][1], specs[role][0]), models[role])
+        ctx = self.ctx = run.context = StageContext(run, stage, self.index, device, models, copier=copier)
         ctx.ignore_index = config.data.ignore_index
         run.student = models["student"]
         ctx.example = Collate(self.train)([self.train[i] for i in range(min(2, len(self.train)))])
@@ -273,6 +290,12 @@ class _Stage:
             if isinstance(exc, ConfigError):
                 raise
             raise ConfigError(f"method: {exc}") from None
+        if self.sharding is not None:
+            self.sharding.shard_added_modules(ctx)
+            self.sharding.release(ctx.models)  # what the preflight and the method's dry runs gathered
+            self._frozen = {role: ctx.raw(role) for role in ctx.models if role not in stage.trainable}
+            self._trained = [ctx.raw(role) for role in stage.trainable] + [ctx.modules[n] for n in ctx.trainable_modules]
+            self._frozen.update({name: ctx.modules[name] for name in ctx.modules if name not in ctx.trainable_modules})
         trained = [models[role] for role in stage.trainable] + [ctx.modules[n] for n in sorted(ctx.trainable_modules)]
         self.parameters = _unique_parameters(trained)
         self.optimizer = build_optimizer(config.optimizer, self.parameters)
@@ -306,6 +329,13 @@ class _Stage:
     def _key(self, role: str, planned: Any) -> str:
         """How errors name a model: by its config key when the stage uses the config's models."""
         return role if planned is None else f"stages.{self.index}.{role}"
+
+    def _whole_state(self, role: str) -> dict[str, torch.Tensor]:
+        """The whole state dict of ``role``'s model (gathered from its shards onto the first
+        process when the run is sharded): what the plain ``.pt`` files hold."""
+        if self.sharding is not None:
+            return self.sharding.full_state(self.ctx.raw(role))
+        return self.ctx.raw(role).state_dict()
 
     # -- one epoch ------------------------------------------------------------------------------
 
@@ -356,6 +386,8 @@ class _Stage:
         totals: dict[str, torch.Tensor] = {}
         for position, batch in enumerate(micro):
             batch = batch.to(procs.device)
+            if self.sharding is not None:  # what DDP's forward does: every process starts from the first one's buffers
+                procs.broadcast_buffers(self._trained)
             with self._no_sync(position + 1 < len(micro)), _autocast(procs.device, config.training.precision):
                 with self._method_code("run_models"):
                     outputs = method.run_models(batch, ctx, self.stage.trainable)
@@ -368,6 +400,8 @@ class _Stage:
                 raise RuntimeError(f"method {self.config.method.name!r}: its loss terms {sorted(terms)} do not depend "
                                    "on any trained parameter")
             total.backward()
+            if self.sharding is not None:  # frozen models have no backward to free their gathered roots
+                self.sharding.release(self._frozen)
             for name, value in [*terms.items(), ("total", total)]:
                 totals[name] = totals.get(name, 0.0) + value.detach().float()
         names = list(totals)
@@ -440,7 +474,7 @@ class _Stage:
 
     def _wrap_for_ddp(self, ctx: StageContext) -> None:
         self._ddp: list[DistributedDataParallel] = []
-        if not self.procs.distributed:
+        if not self.procs.distributed or self.procs.sharded:
             return
         device_ids = [self.procs.device.index] if self.procs.device.type == "cuda" else None
         tables = [(ctx.models, role) for role in self.stage.trainable]
@@ -465,6 +499,15 @@ class _Stage:
 
     def _state(self, epoch: int, step: int) -> dict[str, Any]:
         ctx = self.ctx
+        if self.sharding is not None:  # every process writes its shards; the checkpoint names their directory
+            name = f"{self.index}-{epoch}-{step}"
+            directory = self.run._directory or RunDirectory(self.run.output_dir)
+            if self.procs.is_main:
+                directory.check_held()
+            self.procs.broadcast_buffers(self._trained)  # DCP keeps one process's copy of what is not sharded
+            manifest = self.sharding.save(directory.shards_path(name), ctx, self.optimizer)
+            return {"epoch": epoch, "step": step, "shards": name, "shard_files": manifest,
+                    "scheduler": self.scheduler.state_dict()}
         return {
             "epoch": epoch, "step": step,
             "models": {role: ctx.raw(role).state_dict() for role in ctx.models},
@@ -474,6 +517,13 @@ class _Stage:
 
     def _load(self, state: dict[str, Any]) -> None:
         ctx = self.ctx
+        if "shards" in state:
+            if self.sharding is None:
+                raise ConfigError(f"{self.run.checkpoint_path} holds a sharded run's state; resume it with "
+                                  "training.parallel: fsdp")
+            self.sharding.load(RunDirectory(self.run.output_dir).shards_path(state["shards"]), ctx, self.optimizer)
+            self.scheduler.load_state_dict(state["scheduler"])
+            return
         if set(state["modules"]) != set(ctx.modules):
             raise ValueError(f"the checkpoint's extra modules {sorted(state['modules'])} are not the ones the method "
                              f"set up ({sorted(ctx.modules)})")
@@ -486,13 +536,15 @@ class _Stage:
 
     def _finish(self) -> None:
         run, procs = self.run, self.procs
+        procs.broadcast_buffers([self.ctx.raw(role) for role in self.stage.trainable])
+        states = {role: self._whole_state(role) for role in dict.fromkeys(("student", *self.stage.trainable))}
         if procs.is_main:
             if run._directory is not None:
                 run._directory.check_held()
-            for role in dict.fromkeys(("student", *self.stage.trainable)):
-                checkpoint.save_atomic(self.ctx.raw(role).state_dict(), run.stage_model_path(self.index, role))
+            for role, state in states.items():
+                checkpoint.save_atomic(state, run.stage_model_path(self.index, role))
             if self.index == len(run.stages) - 1:  # the final student; a stage's own student keeps its stage name
-                checkpoint.save_atomic(self.ctx.raw("student").state_dict(), run.output_dir / rundir.STUDENT_NAME)
+                checkpoint.save_atomic(states["student"], run.output_dir / rundir.STUDENT_NAME)
         self.log.event("stage_end", stage=self.stage.name, index=self.index, metrics=run.metrics)
         run.save_checkpoint(procs, self.log, self.index + 1, None)
 
@@ -535,16 +587,26 @@ def _sweep(run: Distiller, ctx: StageContext, procs: distributed.Processes, val,
     modes = {name: ctx.raw(name).training for name in ctx.models}
     for name in ctx.models:
         ctx.raw(name).eval()
+    procs.broadcast_buffers([ctx.raw(name) for name in ctx.models])  # every shard scored by the same model
     batches = loader(val, EvalShard(len(val), procs.rank, procs.world_size), config.data.eval_batch_size,
                      num_workers=config.data.num_workers, seed=config.seed, pin_memory=procs.device.type == "cuda")
+    # sharded models gather their parameters from every process at each forward pass, so every
+    # process runs as many passes as the longest shard needs (the extra ones are not scored)
+    padding = max(procs.gather(len(batches))) - len(batches) if procs.sharded else 0
     try:
         with torch.no_grad(), _autocast(procs.device, config.training.precision):
             for batch in batches:
                 batch = batch.to(procs.device)
                 score(batch, ctx.run_models(batch))
+            for _ in range(padding):
+                ctx.run_models(ctx.example.to(procs.device))
     finally:
         for name, mode in modes.items():
             ctx.raw(name).train(mode)
+        if procs.sharded:
+            from kdcore.engine.sharding import Sharding
+
+            Sharding.release({name: ctx.raw(name) for name in ctx.models})
 
 
 # -- helpers ----------------------------------------------------------------------------------------

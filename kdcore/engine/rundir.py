@@ -10,6 +10,10 @@
 * **Two checkpoints.** Each checkpoint write keeps the one it replaces as
   ``checkpoint.previous.pt``; a resume whose latest checkpoint is unreadable falls back to it with
   a warning naming both. Temporary files a killed write left behind are removed at start.
+* **Sharded runs.** A run under ``training.parallel: fsdp`` keeps its model and optimizer state in
+  ``shards/<name>/`` (one file per process, see :mod:`kdcore.parallel.sharded_checkpoint`) and
+  ``checkpoint.pt`` names that directory; a checkpoint whose directory is missing or incomplete
+  counts as unreadable. Directories neither checkpoint names are removed after each write.
 * **Fails before training, not after.** The directory's writability is checked when the lock is
   taken; a fresh run that fails before writing anything leaves the directory as it found it.
 """
@@ -39,11 +43,12 @@ PREVIOUS_NAME = "checkpoint.previous.pt"
 LOG_NAME = "metrics.jsonl"
 STUDENT_NAME = "student.pt"
 STAGES_NAME = "stages"
+SHARDS_NAME = "shards"  # sharded runs: one directory of model and optimizer shards per checkpoint
 UNREADABLE_NAME = "checkpoint.unreadable.pt"  # an unreadable checkpoint.pt, moved aside by a resume
 # what every checkpoint of version 1 holds
 CHECKPOINT_KEYS = ("config", "stage", "stage_state", "rng", "log_offset", "metrics", "teacher_metrics")
 # what makes a directory a run's: a fresh run into a directory holding any of these is refused
-RUN_FILES = (CHECKPOINT_NAME, PREVIOUS_NAME, LOG_NAME, STUDENT_NAME, STAGES_NAME)
+RUN_FILES = (CHECKPOINT_NAME, PREVIOUS_NAME, LOG_NAME, STUDENT_NAME, STAGES_NAME, SHARDS_NAME)
 
 
 class RunDirectoryError(RuntimeError):
@@ -178,10 +183,12 @@ class RunDirectory:
             if (self.path / name).is_dir():
                 raise RunDirectoryError(f"{self.path / name} is a directory where the run keeps a file; remove it or "
                                         "choose another output_dir")
-        if (self.path / STAGES_NAME).exists() and not (self.path / STAGES_NAME).is_dir():
-            raise RunDirectoryError(f"{self.path / STAGES_NAME} is not a directory; remove it or choose another "
-                                    "output_dir")
-        for directory in [self.path, *(p for p in self.path.glob(f"{STAGES_NAME}/*") if p.is_dir())]:
+        for name in (STAGES_NAME, SHARDS_NAME):
+            if (self.path / name).exists() and not (self.path / name).is_dir():
+                raise RunDirectoryError(f"{self.path / name} is not a directory; remove it or choose another "
+                                        "output_dir")
+        shards = [self.path / SHARDS_NAME] if (self.path / SHARDS_NAME).is_dir() else []
+        for directory in [self.path, *shards, *(p for p in self.path.glob(f"{STAGES_NAME}/*") if p.is_dir())]:
             try:
                 with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-", suffix=".tmp"):
                     pass
@@ -215,8 +222,11 @@ class RunDirectory:
         lock holder may, and it holds the lock now)."""
         for directory in [self.path, *self.path.glob(f"{STAGES_NAME}/*")]:
             for leftover in directory.glob(".*.tmp"):
-                with contextlib.suppress(FileNotFoundError):
-                    leftover.unlink()
+                if leftover.is_dir() and not leftover.is_symlink():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        leftover.unlink()
 
     # -- what the run finds -----------------------------------------------------------------------
 
@@ -239,6 +249,7 @@ class RunDirectory:
                 continue
             try:
                 saved = read_checkpoint(path, CHECKPOINT_KEYS)
+                self._check_shards(path, saved)
             except RunDirectoryError as exc:
                 problems.append(str(exc))
                 continue
@@ -247,6 +258,41 @@ class RunDirectory:
                               f"{self._set_aside_latest()}", RuntimeWarning, stacklevel=3)
             return path, saved
         raise RunDirectoryError(f"cannot resume {self.path}: " + "; ".join(problems))
+
+    def shards_path(self, name: str) -> Path:
+        """The directory of a sharded checkpoint's model and optimizer state."""
+        return self.path / SHARDS_NAME / name
+
+    def _check_shards(self, path: Path, saved: dict[str, Any]) -> None:
+        """Raises when the shard directory a checkpoint names is missing, or a file of it is lost,
+        cut or changed since it was written (checked against the checkpoint's manifest)."""
+        name = sharded_state(saved)
+        if name is None:
+            return
+        from kdcore.parallel import sharded_checkpoint  # torch.distributed.checkpoint: only for sharded runs
+
+        shards = self.shards_path(name)
+        problem = "it does not exist" if not shards.is_dir() else \
+            sharded_checkpoint.damage(shards, saved["stage_state"].get("shard_files", {}))
+        if problem:
+            raise RunDirectoryError(f"{path} names the model shards {shards}, which are missing or incomplete: "
+                                    f"{problem}")
+
+    def prune_shards(self) -> None:
+        """Removes the shard directories (and unfinished ones) that neither checkpoint names."""
+        root = self.path / SHARDS_NAME
+        if not root.is_dir():
+            return
+        kept = set()
+        for path in (self.checkpoint_path, self.previous_path):
+            with contextlib.suppress(OSError, RunDirectoryError):
+                kept.add(sharded_state(read_checkpoint(path)))
+        for entry in root.iterdir():
+            if entry.name not in kept:
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
 
     def _set_aside_latest(self) -> str:
         """Moves an unreadable ``checkpoint.pt`` out of the way of the resumed run, whose next
@@ -305,6 +351,12 @@ class RunDirectory:
             raise RunDirectoryError(
                 f"{self.log_path} has {size} bytes but the checkpoint was written when it had {offset}: the log "
                 "was cut or replaced since; restore it, or start a new run in another output_dir")
+
+
+def sharded_state(saved: dict[str, Any]) -> str | None:
+    """The shard directory a checkpoint names (None for a checkpoint that holds its state itself)."""
+    stage_state = saved.get("stage_state")
+    return stage_state.get("shards") if isinstance(stage_state, dict) else None
 
 
 def read_checkpoint(path: Path, required: tuple[str, ...] = ()) -> dict[str, Any]:

@@ -111,7 +111,7 @@ def continue_prompts(model: nn.Module, batch: Batch, ignore_index: int, options:
         with torch.no_grad():
             generated = generate(input_ids=prompts, attention_mask=prompt_mask, max_new_tokens=options.max_new_tokens,
                                  min_new_tokens=0, num_beams=options.num_beams, pad_token_id=pad, eos_token_id=eos,
-                                 **sampling)
+                                 synced_gpus=_sharded_over_processes(model), **sampling)
     finally:
         model.train(was_training)
     continuations = generated[:, longest:]
@@ -134,6 +134,19 @@ def continue_prompts(model: nn.Module, batch: Batch, ignore_index: int, options:
         out_mask[row, : len(tokens) - 1] = 1
         out_labels[row, len(prompt) - 1: len(tokens) - 1] = new
     return Batch({"input_ids": out_ids, "attention_mask": out_mask}, out_labels)
+
+
+def _sharded_over_processes(model: nn.Module) -> bool:
+    """Whether ``model`` is sharded (FSDP) over several processes: each of its forward passes then
+    gathers parameters from all of them, so every process must run as many generation steps as
+    the longest (what ``synced_gpus`` does) even when its own rows all ended."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
+    if torch.distributed.get_world_size() == 1:
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(module, FSDPModule) for module in model.modules())
 
 
 def _first(token_id: int | list[int] | None) -> int | None:

@@ -9,7 +9,8 @@
   runs on the models' last hidden states and LM heads through :func:`kdcore.fused_linear_kd_loss`.
 - :class:`KDTrainer`: a ``transformers.Trainer`` whose loss is ``causal_lm_kd_loss`` (plus the
   usual cross-entropy, weighted), for people who stay in Trainer. It divides by Trainer's count
-  of the step's target tokens, so gradient accumulation gives the full-batch gradient.
+  of the step's target tokens, so gradient accumulation gives the full-batch gradient. Under
+  accelerate's FSDP2 it shards the teacher for inference as well (docs/scale.md).
 
 Both distil across tokenizers when given ``student_tokenizer`` and ``teacher_tokenizer``: the
 batch is the student's (its ``input_ids``, ``labels``), its text is rebuilt from the student's
@@ -21,6 +22,8 @@ re-tokenization and alignment in the DataLoader's workers instead of in the trai
 """
 
 from __future__ import annotations
+
+import warnings
 
 from collections.abc import Mapping
 from typing import Any
@@ -66,12 +69,22 @@ def hidden_states_and_head(model, head_owner, inputs: Mapping[str, torch.Tensor]
     with ``output_hidden_states=True`` and ``logits_to_keep=1``, and ``head_owner`` (the unwrapped
     model) gives the head. The one position of logits the model still returns must equal the head
     applied to the last hidden state, which refuses models that transform their logits (soft
-    capping, scaling) and so cannot be fused."""
+    capping, scaling) and so cannot be fused.
+
+    Under FSDP2 ``model`` is the sharded root: the head is read after the forward, while FSDP still
+    holds its group gathered (a root, or a group sharded with ``reshard_after_forward=False``, stays
+    gathered after its forward), and its gradient is reduce-scattered with the rest."""
     head = head_owner.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear):
         raise ValueError(f"fused distillation: {type(head_owner).__name__}'s output embeddings are "
                          f"{type(head).__name__}, not a Linear LM head; use fused=False")
-    out = model(**inputs, output_hidden_states=True, logits_to_keep=1)
+    with warnings.catch_warnings():  # FSDP2 warns against in-place changes to a root's view output; none is made
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+        out = model(**inputs, output_hidden_states=True, logits_to_keep=1)
+    if _is_sharded(head.weight):
+        raise ValueError(f"fused distillation: {type(head_owner).__name__}'s LM head is sharded again after its "
+                         "forward (its FSDP2 group reshards after forward); shard the group holding the head with "
+                         "reshard_after_forward=False, or use fused=False")
     hidden = out.hidden_states[-1]
     with torch.no_grad():
         expected = out.logits[:, -1].float()
@@ -81,6 +94,15 @@ def hidden_states_and_head(model, head_owner, inputs: Mapping[str, torch.Tensor]
                              "its last hidden states (soft capping or scaling?), so they cannot be fused; use "
                              "fused=False")
     return hidden, head.weight, head.bias
+
+
+def _is_sharded(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a sharded FSDP2 parameter (a DTensor) rather than a gathered one."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
 
 
 def model_inputs(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -268,24 +290,86 @@ class AlignedCollator:
         return batch
 
 
+def _fsdp_version(accelerator) -> int | None:
+    """The FSDP version (1 or 2) accelerate trains the student with, or None when it does not use FSDP
+    (one process, DDP, DeepSpeed)."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return None
+    return accelerator.state.fsdp_plugin.fsdp_version
+
+
+def prepare_teacher(teacher: torch.nn.Module, accelerator, device: torch.device) -> torch.nn.Module:
+    """``teacher`` frozen (no parameter requires a gradient) in eval mode, placed as the student is:
+    on ``device``, or sharded for inference when the student trains under FSDP2
+    (:func:`shard_for_inference`), so that a teacher too large for one device still fits."""
+    teacher.eval().requires_grad_(False)
+    version = _fsdp_version(accelerator)
+    if version is None:
+        return teacher.to(device)
+    if version != 2:
+        raise ValueError(f"KDTrainer: the teacher can be sharded only under FSDP version 2, but this run uses "
+                         f"fsdp_version {version}; set fsdp_config={{'version': 2}} in TrainingArguments (or "
+                         f"fsdp_version: 2 in the accelerate config)")
+    return shard_for_inference(teacher, accelerator)
+
+
+def shard_for_inference(teacher: torch.nn.Module, accelerator) -> torch.nn.Module:
+    """``teacher`` sharded with FSDP2 over the student's device mesh, with the student's
+    mixed-precision and CPU-offload policies and no optimizer (:func:`kdcore.parallel.fsdp.shard`):
+    one group per transformer block (the model's ``_no_split_modules`` classes), resharded as soon
+    as the block has run, then the root (embeddings, final norm, LM head), which stays gathered
+    after its forward because the fused loss reads the teacher's LM head weight then
+    (:func:`hidden_states_and_head`); :meth:`KDTrainer.reshard_teacher` frees it once the step's
+    backward is over. A teacher the caller has sharded already is kept as it is. Every process must
+    hold the same teacher weights (``from_pretrained`` loads them so): each keeps its own shard."""
+    from kdcore.parallel import fsdp
+
+    if fsdp.is_sharded(teacher):
+        return teacher
+    plugin = accelerator.state.fsdp_plugin
+    mesh = accelerator.torch_device_mesh
+    fsdp.shard(teacher, None if mesh is None else mesh[tuple(accelerator.parallelism_config.fsdp_dim_names)],
+               blocks=fsdp.block_names(teacher), trainable=False, mp_policy=plugin.mixed_precision_policy,
+               offload_policy=plugin.cpu_offload)
+    return teacher
+
+
+def _fsdp_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The FSDP2-sharded modules of ``model`` (none when it is not sharded, or without torch.distributed)."""
+    if not torch.distributed.is_available():
+        return []
+    from kdcore.parallel import fsdp
+
+    return fsdp.sharded_modules(model)
+
+
 class KDTrainer(transformers.Trainer):
     """``transformers.Trainer`` training a student against ``teacher`` with
     :func:`causal_lm_kd_loss`. ``kd_options`` are its options (e.g. ``divergence="jsd"``,
     ``temperature=2.0``, ``ce_weight=0.5``, ``fused=True``; ``student_tokenizer`` and
     ``teacher_tokenizer`` to distil across tokenizers, best with an :class:`AlignedCollator` as the
-    ``data_collator``). The teacher is moved to the student's device and kept in eval mode; it is
-    never trained.
+    ``data_collator``). The teacher is frozen and kept in eval mode; it is never trained.
 
     Trainer counts the target tokens of the whole step (``num_items_in_batch``, over every
     accumulated micro-batch and process); the loss divides by it, so the accumulated gradient
     equals the full batch's.
+
+    Placement follows the student's: on one device or under DDP the teacher is moved to the
+    student's device, whole. Under accelerate's FSDP version 2 the teacher is sharded for
+    inference over the same device mesh (:func:`shard_for_inference`: one FSDP group per
+    transformer block, then the root); its root group stays gathered from the teacher's forward
+    (``fused=True`` reads the teacher's LM head after it) until the step's backward is over, and is
+    resharded after every training and evaluation step. ``fused=True`` works under FSDP2 as under
+    DDP: the student's LM head is read while FSDP holds it gathered, and its gradient is
+    reduce-scattered with the rest. FSDP version 1 is refused with a teacher.
     """
 
     def __init__(self, *args, teacher, kd_options: Mapping[str, Any] | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.teacher = teacher.to(self.args.device).eval()
-        for parameter in self.teacher.parameters():
-            parameter.requires_grad_(False)
+        self.teacher = prepare_teacher(teacher, self.accelerator, self.args.device)
+        self.teacher_shards = _fsdp_modules(self.teacher)
         self.kd_options = dict(kd_options or {})
         # Trainer counts the step's target tokens (labels[..., 1:] != -100) only for losses that
         # use the count, and then leaves the loss unscaled for accumulation: this one does.
@@ -299,6 +383,27 @@ class KDTrainer(transformers.Trainer):
             normalizer = torch.as_tensor(num_items_in_batch, dtype=torch.float32).clamp_min(1)
         loss = causal_lm_kd_loss(model, self.teacher, inputs, normalizer=normalizer, **self.kd_options)
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
-            # the count is summed over processes and DDP averages their gradients: undo the mean
+            # the count is summed over processes and DDP or FSDP averages their gradients: undo the mean
             loss = loss * self.accelerator.num_processes
-        return (loss, None) if return_outputs else loss
+        # no model outputs to hand Trainer's evaluation (the fused loss never builds logits): an empty dict
+        return (loss, {}) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """Trainer's step (forward and backward), then the sharded teacher's gathered groups freed,
+        once nothing of the step can read them any more."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.reshard_teacher()
+        return loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Trainer's evaluation step on the distillation loss alone (:meth:`compute_loss` returns no
+        logits), then the sharded teacher's gathered groups freed."""
+        outputs = super().prediction_step(model, inputs, True, ignore_keys=ignore_keys)
+        self.reshard_teacher()
+        return outputs
+
+    def reshard_teacher(self) -> None:
+        """Frees the gathered parameters of the teacher's FSDP2 groups (FSDP does not reshard a root
+        run under ``no_grad`` by itself); nothing without FSDP2."""
+        for module in self.teacher_shards:
+            module.reshard()

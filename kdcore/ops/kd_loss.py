@@ -158,19 +158,24 @@ def _scale_unless_one_on_device(grad: torch.Tensor, upstream: torch.Tensor) -> b
     return True
 
 
+def hand_out_grads(ctx, grad_loss: torch.Tensor, wanted: tuple[bool, ...]) -> tuple:
+    """The gradients a forward pass stashed in ``ctx.grads`` times the upstream gradient (per row
+    when ``ctx.rowwise``), None where ``wanted`` is False. In place, with the stash dropped so that
+    autograd receives the buffers themselves, only when nothing can read the stash again: eager,
+    and the graph not retained."""
+    in_place = _is_eager(grad_loss) and not _graph_is_retained()
+    grads = ctx.grads
+    if in_place:
+        ctx.grads = None
+    return tuple(_scaled(grad, grad_loss, ctx.rowwise, in_place) if want else None
+                 for grad, want in zip(grads, wanted))
+
+
 def _backward(ctx, grad_loss, _grad_of_grad_student, _grad_of_grad_teacher):
     if grad_loss is None:  # no gradient reached the loss (grads are not materialized as zeros)
         return (None,) * _NUM_ARGS
-    grad_student, grad_teacher = ctx.grads
-    # In place only when nothing can read the stash again: eager, and the graph not retained.
-    in_place = _is_eager(grad_loss) and not _graph_is_retained()
-    if in_place:
-        ctx.grads = None
-    wants_student = ctx.needs_input_grad[0] and ctx.has_grad[0]
-    wants_teacher = ctx.needs_input_grad[1] and ctx.has_grad[1]
-    out_student = _scaled(grad_student, grad_loss, ctx.rowwise, in_place) if wants_student else None
-    out_teacher = _scaled(grad_teacher, grad_loss, ctx.rowwise, in_place) if wants_teacher else None
-    return (out_student, out_teacher) + (None,) * (_NUM_ARGS - 2)
+    wanted = (ctx.needs_input_grad[0] and ctx.has_grad[0], ctx.needs_input_grad[1] and ctx.has_grad[1])
+    return hand_out_grads(ctx, grad_loss, wanted) + (None,) * (_NUM_ARGS - 2)
 
 
 def register_kd_loss_op(qualname: str) -> None:

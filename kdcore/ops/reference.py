@@ -88,14 +88,27 @@ def _softmax_grad(prob, g, g_sum):
     return guarded_mul(prob, g - g_sum.unsqueeze(1))
 
 
-def grad_wrt_student(divergence: int, q, p, gq, qgq):
-    """dd/da; forward KL has the closed form q - p (its gq = -p/q would divide by q)."""
-    return q - p if divergence == _FORWARD_KL else _softmax_grad(q, gq, qgq.sum(-1))
+def student_grad_needs_row_sum(divergence: int) -> bool:
+    """Whether dd/da needs the row sum Gq = sum(q * gq); forward KL's closed form q - p does not.
+    (A caller holding part of each row, e.g. one vocabulary slice per device, sums it over the parts.)"""
+    return divergence != _FORWARD_KL
 
 
-def grad_wrt_teacher(divergence: int, q, p, gp, pgp):
-    """dd/db; reverse KL has the closed form p - q."""
-    return p - q if divergence == _REVERSE_KL else _softmax_grad(p, gp, pgp.sum(-1))
+def teacher_grad_needs_row_sum(divergence: int) -> bool:
+    """Whether dd/db needs the row sum Gp = sum(p * gp); reverse KL's closed form p - q does not."""
+    return divergence != _REVERSE_KL
+
+
+def grad_wrt_student(divergence: int, q, p, gq, qgq_sum):
+    """dd/da from the elements of q, p, gq and the rows' Gq = sum(q * gq) over the whole row
+    (``qgq_sum``, [rows]; unused by forward KL, whose closed form q - p avoids gq = -p/q)."""
+    return q - p if divergence == _FORWARD_KL else _softmax_grad(q, gq, qgq_sum)
+
+
+def grad_wrt_teacher(divergence: int, q, p, gp, pgp_sum):
+    """dd/db from the elements and the rows' Gp = sum(p * gp) (``pgp_sum``; unused by reverse KL,
+    whose closed form is p - q)."""
+    return p - q if divergence == _REVERSE_KL else _softmax_grad(p, gp, pgp_sum)
 
 
 def _check_values(s, t, kept, labels, ce_weight, first_row):
@@ -109,7 +122,7 @@ def _check_values(s, t, kept, labels, ce_weight, first_row):
             raise label_out_of_range_error(first_row + i, int(labels[i]), s.shape[1])
 
 
-def _finish_rows(grad, kept, bad, row_scale):
+def finish_rows(grad, kept, bad, row_scale):
     """Scales a chunk's gradient; exactly 0 on ignored rows, NaN on kept rows with NaN / +inf logits."""
     grad = torch.where(kept.unsqueeze(1), grad * row_scale, 0.0)
     return grad.masked_fill((bad & kept).unsqueeze(1), torch.nan)
@@ -153,13 +166,15 @@ def _kd_loss_reference(student, teacher, labels, mask, normalizer, temperature, 
         chunk_loss = torch.where(bad, torch.nan, chunk_loss)
         row_loss[rows] = torch.where(k, chunk_loss, 0)
         if student_grad:
-            g = kd_grad_scale * grad_wrt_student(divergence, q, p, gq, qgq)
+            qgq_sum = qgq.sum(-1) if student_grad_needs_row_sum(divergence) else None
+            g = kd_grad_scale * grad_wrt_student(divergence, q, p, gq, qgq_sum)
             if ce_weight != 0:
                 g = g + ce_weight * (torch.softmax(s, -1) - torch.zeros_like(s).scatter_(1, safe_labels, 1.0))
-            student_grad_out[rows] = _finish_rows(g, k, bad, row_scale).to(student.dtype)
+            student_grad_out[rows] = finish_rows(g, k, bad, row_scale).to(student.dtype)
         if teacher_grad:
-            g = kd_grad_scale * grad_wrt_teacher(divergence, q, p, gp, pgp)
-            grad_teacher[rows] = _finish_rows(g, k, bad, row_scale).to(teacher.dtype)
+            pgp_sum = pgp.sum(-1) if teacher_grad_needs_row_sum(divergence) else None
+            g = kd_grad_scale * grad_wrt_teacher(divergence, q, p, gp, pgp_sum)
+            grad_teacher[rows] = finish_rows(g, k, bad, row_scale).to(teacher.dtype)
     reduce_rows(loss, row_loss, divisor, reduction)
     return loss, grad_student, grad_teacher
 
