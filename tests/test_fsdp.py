@@ -233,3 +233,23 @@ def test_a_frozen_copy_of_a_sharded_student_trains_as_unsharded(tmp_path):
     ours, theirs = weights(tmp_path / "fsdp" / "student.pt"), weights(tmp_path / "ddp" / "student.pt")
     for key in theirs:
         torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-6)
+
+
+def test_buffer_broadcast_skips_expanded_constants(monkeypatch):
+    """Buffers follow the first process, except expanded views (position ids over a batch), which are
+    constants that a collective refuses (they are not contiguous) and cannot be written into."""
+    from kdcore.engine import distributed
+
+    sent = []
+
+    def broadcast(tensor, src):
+        if not tensor.is_contiguous():
+            raise RuntimeError("Tensors must be contiguous")
+        sent.append(tensor)
+
+    monkeypatch.setattr(distributed.dist, "broadcast", broadcast)
+    module = torch.nn.Module()
+    module.register_buffer("position_ids", torch.arange(8).expand((4, -1)))
+    module.register_buffer("running_mean", torch.ones(3))
+    distributed.Processes(0, 2, torch.device("cpu"), owns_group=False).broadcast_buffers([module])
+    assert [t.data_ptr() for t in sent] == [module.running_mean.data_ptr()]

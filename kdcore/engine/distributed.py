@@ -67,7 +67,8 @@ class Processes:
             return
         for module in modules:
             for buffer in module.buffers():
-                dist.broadcast(buffer.data, src=0)
+                if buffer.is_contiguous():  # an expanded view overlaps itself: a constant nothing updates
+                    dist.broadcast(buffer.data, src=0)
 
     def barrier(self) -> None:
         if self.distributed:
