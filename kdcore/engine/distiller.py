@@ -294,9 +294,9 @@ class _Stage:
             self.sharding.shard_added_modules(ctx)
             self.sharding.release(ctx.models)  # what the preflight and the method's dry runs gathered
             self._frozen = {role: ctx.raw(role) for role in ctx.models if role not in stage.trainable}
-            self._trained = [ctx.raw(role) for role in stage.trainable] + [ctx.modules[n] for n in ctx.trainable_modules]
             self._frozen.update({name: ctx.modules[name] for name in ctx.modules if name not in ctx.trainable_modules})
-        trained = [models[role] for role in stage.trainable] + [ctx.modules[n] for n in sorted(ctx.trainable_modules)]
+        trained = self._trained = \
+            [models[role] for role in stage.trainable] + [ctx.modules[n] for n in sorted(ctx.trainable_modules)]
         self.parameters = _unique_parameters(trained)
         self.optimizer = build_optimizer(config.optimizer, self.parameters)
         self.scheduler = build_scheduler(config.scheduler, self.optimizer, self.epochs * self.steps_per_epoch)

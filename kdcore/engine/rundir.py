@@ -222,11 +222,7 @@ class RunDirectory:
         lock holder may, and it holds the lock now)."""
         for directory in [self.path, *self.path.glob(f"{STAGES_NAME}/*")]:
             for leftover in directory.glob(".*.tmp"):
-                if leftover.is_dir() and not leftover.is_symlink():
-                    shutil.rmtree(leftover, ignore_errors=True)
-                else:
-                    with contextlib.suppress(FileNotFoundError):
-                        leftover.unlink()
+                _remove(leftover)
 
     # -- what the run finds -----------------------------------------------------------------------
 
@@ -289,10 +285,7 @@ class RunDirectory:
                 kept.add(sharded_state(read_checkpoint(path)))
         for entry in root.iterdir():
             if entry.name not in kept:
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry, ignore_errors=True)
-                else:
-                    entry.unlink(missing_ok=True)
+                _remove(entry)
 
     def _set_aside_latest(self) -> str:
         """Moves an unreadable ``checkpoint.pt`` out of the way of the resumed run, whose next
@@ -351,6 +344,15 @@ class RunDirectory:
             raise RunDirectoryError(
                 f"{self.log_path} has {size} bytes but the checkpoint was written when it had {offset}: the log "
                 "was cut or replaced since; restore it, or start a new run in another output_dir")
+
+
+def _remove(path: Path) -> None:
+    """Removes a leftover, a directory (with what it holds) or anything else; gone already is fine."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 def sharded_state(saved: dict[str, Any]) -> str | None:
