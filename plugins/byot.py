@@ -11,9 +11,17 @@ weight λ). The final output trains on the labels (``ce``). For classification: 
 label per example. The student is the whole network; exits
 are training scaffolding, saved in checkpoints and dropped after training.
 
+The exit KD term is not scaled by T², as in the authors' code (the first author's
+ArchipLab-LinfengZhang/pytorch-self-distillation-final, written for the paper's journal version;
+in ``train.py`` its ``CrossEntropy`` is ``−Σ softmax(final / T) · log_softmax(exit / T)`` averaged
+over the batch, weighted by ``loss_coefficient`` α and nothing else). That cross-entropy exceeds this KL by the entropy of the
+detached final output, a constant for the exit, so the gradients are the same. ``t2_scale: true``
+multiplies the term by T² (Hinton et al.'s convention, which keeps the gradient's size
+independent of T; at the default T = 3 the term and its gradient are 9 times larger).
+
 Config keys: ``exits`` (required: submodule paths, shallow to deep), ``feature_layer`` (default
 None: no hint term), ``temperature`` (default 3.0), ``alpha`` (default 0.3), ``hint_weight``
-(λ, default 0.03).
+(λ, default 0.03), ``t2_scale`` (default false).
 """
 
 from __future__ import annotations
@@ -46,14 +54,17 @@ class BeYourOwnTeacher(kdcore.Method):
     def __init__(self, config):
         super().__init__(config)
         options = options_of(self.name, self.config, exits=None, feature_layer=None, temperature=3.0, alpha=0.3,
-                             hint_weight=0.03)
+                             hint_weight=0.03, t2_scale=False)
         exits = options["exits"]
         if not isinstance(exits, list) or not exits or not all(isinstance(e, str) for e in exits):
             raise ValueError(f"byot: exits must be a non-empty list of layer names, got {exits!r}")
         alpha = float(options["alpha"])
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"byot: alpha must lie in [0, 1], got {alpha}")
+        if not isinstance(options["t2_scale"], bool):
+            raise ValueError(f"byot: t2_scale must be true or false, got {options['t2_scale']!r}")
         self.exits, self.feature_layer = exits, options["feature_layer"]
+        self.t2_scale = options["t2_scale"]
         self.temperature = float(options["temperature"])
         self.default_weights = {"ce": 1.0, "exit_ce": 1.0 - alpha, "exit_kd": alpha,
                                 "exit_hint": float(options["hint_weight"])}
@@ -80,8 +91,9 @@ class BeYourOwnTeacher(kdcore.Method):
         for index, key in enumerate(self.keys):
             logits, hidden = ctx.modules[f"exit{index}"](outputs.features[key].float())
             exit_ce = exit_ce + cross_entropy(logits, batch.labels, ctx, method=self.name)
-            exit_kd = exit_kd + kdcore.kd_loss(logits, target, temperature=self.temperature, labels=batch.labels,
-                                               ignore_index=ctx.ignore_index, normalizer=ctx.normalizer)
+            exit_kd = exit_kd + kdcore.kd_loss(logits, target, temperature=self.temperature, t2_scale=self.t2_scale,
+                                               labels=batch.labels, ignore_index=ctx.ignore_index,
+                                               normalizer=ctx.normalizer)
             if deep is not None:
                 exit_hint = exit_hint + ctx.per_example((hidden - deep).square().sum())
         terms.update(exit_ce=exit_ce, exit_kd=exit_kd)

@@ -269,3 +269,15 @@ def test_fitnets_on_sequences(tmp_path):
                        training={"epochs": 1})
     kdcore.Distiller(config, callbacks=[watch]).fit()
     assert watch.end["fitnets"]["regressor0"]["weight"].shape == (32, 16)  # student dim 16 -> teacher dim 32
+
+
+def test_byot_exit_kd_is_not_t2_scaled_unless_asked(tmp_path):
+    """The authors' exit term has no T² (plugins/byot.py); ``t2_scale: true`` multiplies it by T² = 9
+    at the default T = 3. The first step runs the same initial models on the same batch."""
+    student = {"model": "mlp", "options": {"in_features": FEATURES, "num_classes": CLASSES, "hidden": [32, 32]}}
+    method = {"name": "byot", "exits": ["body.1"]}
+    _, _, _, plain = run(tmp_path / "plain", method, student=student, training={"epochs": 1})
+    _, _, _, scaled = run(tmp_path / "t2", {**method, "t2_scale": True}, student=student, training={"epochs": 1})
+    assert scaled[0]["exit_kd"] == pytest.approx(9 * plain[0]["exit_kd"], rel=1e-5)
+    with pytest.raises(ConfigError, match=r"method: byot: t2_scale must be true or false, got 'yes'"):
+        kdcore.Distiller(classification_config(tmp_path / "x", method={**method, "t2_scale": "yes"}))
