@@ -2,8 +2,12 @@
 Targets" (ICCV 2021).
 
 No separate teacher: the model's own snapshot from the end of the previous epoch provides soft
-targets. In epoch t of T the target is (1 − α_t) · one-hot(y) + α_t · p_snapshot, with
-α_t = α_T · t / T growing from 0, and the student minimizes the cross-entropy to it. The snapshot
+targets. In epoch t of T (t counted from 0) the target is (1 − α_t) · one-hot(y) + α_t · p_snapshot,
+with α_t = α_T · (t + 1) / T, which reaches α_T in the last epoch, and the student minimizes the
+cross-entropy to it. The schedule is the authors' (lgcnsai/PS-KD-Pytorch, ``main.py``:
+``alpha_t = args.alpha_T * ((epoch + 1) / args.end_epoch)``, epochs counted from 0). In the
+first epoch there is no earlier model and the target is the label alone (the authors' stored
+predictions start as the one-hot labels). The snapshot
 is a frozen copy of the student kept as an extra module (so a resumed run has it), refreshed at
 the first step of every epoch.
 
@@ -42,6 +46,10 @@ class ProgressiveSelfKD(kdcore.Method):
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"pskd: alpha must lie in [0, 1], got {self.alpha}")
 
+    def alpha_at(self, epoch: int, epochs: int) -> float:
+        """α_t in epoch ``epoch`` (counted from 0) of ``epochs``: α_T · (epoch + 1) / epochs."""
+        return self.alpha * (epoch + 1) / epochs
+
     def plan(self, config):
         return [kdcore.Stage(self.name, teachers=without_teachers(self.name, config))]
 
@@ -55,8 +63,7 @@ class ProgressiveSelfKD(kdcore.Method):
             snapshot.epoch.fill_(ctx.epoch)
         if ctx.epoch == 0 or self.alpha == 0.0:
             return {"ce": cross_entropy(outputs.student, batch.labels, ctx, method=self.name)}
-        epochs = ctx.stage.epochs or ctx.run.config.training.epochs
-        alpha = self.alpha * ctx.epoch / epochs
+        alpha = self.alpha_at(ctx.epoch, ctx.stage.epochs or ctx.run.config.training.epochs)
         with torch.no_grad():
             snapshot.eval()
             past = call_model(snapshot.model, batch.inputs).float().softmax(-1)

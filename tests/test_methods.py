@@ -281,3 +281,23 @@ def test_byot_exit_kd_is_not_t2_scaled_unless_asked(tmp_path):
     assert scaled[0]["exit_kd"] == pytest.approx(9 * plain[0]["exit_kd"], rel=1e-5)
     with pytest.raises(ConfigError, match=r"method: byot: t2_scale must be true or false, got 'yes'"):
         kdcore.Distiller(classification_config(tmp_path / "x", method={**method, "t2_scale": "yes"}))
+
+
+def test_pskd_alpha_reaches_alpha_T_in_the_last_epoch(tmp_path, monkeypatch):
+    """α_t = α_T (t + 1) / T with t from 0, as in the authors' code; the first epoch trains on the
+    labels alone (there is no earlier model yet)."""
+    from kdcore_plugins import pskd
+
+    method = pskd.ProgressiveSelfKD({"alpha": 0.8})
+    assert method.alpha_at(0, 4) == pytest.approx(0.2) and method.alpha_at(3, 4) == pytest.approx(0.8)
+    used = {}
+    schedule = pskd.ProgressiveSelfKD.alpha_at
+
+    def spy(self, epoch, epochs):
+        used[epoch] = schedule(self, epoch, epochs)
+        return used[epoch]
+
+    monkeypatch.setattr(pskd.ProgressiveSelfKD, "alpha_at", spy)
+    kdcore.Distiller(classification_config(tmp_path, method={"name": "pskd", "alpha": 0.8},
+                                           training={"epochs": 3})).fit()
+    assert used == pytest.approx({1: 0.8 * 2 / 3, 2: 0.8})
