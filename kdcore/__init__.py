@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "kd_loss": "kdcore.functional",
     "fused_linear_kd_loss": "kdcore.functional",
+    "dkd_loss": "kdcore.dkd",
     "KDLoss": "kdcore.losses",
     "SparseTeacher": "kdcore.sparse",
     "Method": "kdcore.engine.method",
@@ -62,6 +63,7 @@ __all__ = [
     "Stage",
     "StageContext",
     "backends",
+    "dkd_loss",
     "fused_linear_kd_loss",
     "hookimpl",
     "kd_loss",

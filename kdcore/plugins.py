@@ -53,6 +53,7 @@ BUILTIN_PLUGINS = (
     ("kdcore.zoo", "kdcore_plugins.zoo"),
     ("kdcore.supervised", "kdcore_plugins.supervised"),
     ("kdcore.response_kd", "kdcore_plugins.response_kd"),
+    ("kdcore.dkd", "kdcore_plugins.dkd"),
     ("kdcore.fitnets", "kdcore_plugins.fitnets"),
     ("kdcore.attention_transfer", "kdcore_plugins.attention_transfer"),
     ("kdcore.rkd", "kdcore_plugins.rkd"),

@@ -224,7 +224,7 @@ def test_dml_trains_both_peers(tmp_path):
 
 def test_every_method_is_a_registered_plugin():
     methods = kdcore.plugins.host().methods
-    assert {"supervised", "response_kd", "fitnets", "attention_transfer", "rkd", "byot", "pskd", "born_again",
+    assert {"supervised", "response_kd", "dkd", "fitnets", "attention_transfer", "rkd", "byot", "pskd", "born_again",
             "takd", "ensemble", "dml"} <= set(methods.names())
     assert all(methods.entry(name).plugin == f"kdcore.{name}" for name in ("fitnets", "dml", "takd"))
 
@@ -301,3 +301,49 @@ def test_pskd_alpha_reaches_alpha_T_in_the_last_epoch(tmp_path, monkeypatch):
     kdcore.Distiller(classification_config(tmp_path, method={"name": "pskd", "alpha": 0.8},
                                            training={"epochs": 3})).fit()
     assert used == pytest.approx({1: 0.8 * 2 / 3, 2: 0.8})
+
+
+DIGITS = {"dataset": "digits", "options": {"train_fraction": 0.3}, "batch_size": 32}
+
+
+def digits_mlp(hidden, checkpoint=None):
+    spec = {"model": "mlp", "options": {"in_features": 64, "num_classes": 10, "hidden": hidden}}
+    return {**spec, "checkpoint": str(checkpoint)} if checkpoint else spec
+
+
+def test_dkd_on_digits(tmp_path, monkeypatch):
+    """DKD from a digits teacher: the student trains, the teacher does not, and the KD term is
+    kdcore.dkd_loss ramped in over ``warmup`` epochs as the authors do (1/2 in the first of 2)."""
+    kdcore.Distiller(classification_config(tmp_path / "teacher", method={"name": "supervised"},
+                                           student=digits_mlp([64]), data=DIGITS, training={"epochs": 3})).fit()
+    computed = []
+    dkd_loss = kdcore.dkd_loss
+
+    def spy(*args, **kwargs):
+        loss = dkd_loss(*args, **kwargs)
+        computed.append(loss.item())
+        return loss
+
+    monkeypatch.setattr(kdcore, "dkd_loss", spy)
+    _, watch, metrics, steps = run(tmp_path / "dkd", {"name": "dkd", "beta": 2.0, "warmup": 2},
+                                   [digits_mlp([64], tmp_path / "teacher" / "student.pt")],
+                                   student=digits_mlp([16]), data=DIGITS, training={"epochs": 2},
+                                   optimizer={"name": "sgd", "lr": 0.05})
+    start, end = watch.start["dkd"], watch.end["dkd"]
+    assert changed(start["student"], end["student"]) and not changed(start["teacher0"], end["teacher0"])
+    assert {"kd", "ce"} <= set(steps[0]) and len(computed) == len(steps)
+    ramp = [0.5 if step["epoch"] == 0 else 1.0 for step in steps]
+    assert [step["kd"] for step in steps] == pytest.approx([r * c for r, c in zip(ramp, computed)], rel=1e-6)
+    assert metrics["accuracy"] > 0.3 and "teacher_agreement" in metrics  # ten classes: chance is 0.1
+
+
+@pytest.mark.parametrize("options, pattern", [
+    ({"beta": -1}, r"method: dkd: beta must be a non-negative number, got -1"),
+    ({"temperature": 0}, r"method: dkd: temperature must be a positive number, got 0"),
+    ({"warmup": 2.5}, r"method: dkd: warmup must be a whole number of epochs >= 0, got 2.5"),
+    ({"gamma": 1}, r"method: dkd: unknown config keys \['gamma'\]; it takes alpha, beta, ce_weight, temperature, "
+                   r"warmup"),
+])
+def test_dkd_config_errors(tmp_path, teacher, options, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        kdcore.Distiller(classification_config(tmp_path, method={"name": "dkd", **options}, teachers=[teacher]))

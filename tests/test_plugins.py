@@ -77,7 +77,7 @@ def test_builtins_load_through_kdcores_entry_points():
         info = found[name]
         assert (info.builtin, info.package, info.module, info.status) == (True, "kdcore", module, "loaded")
     assert found["kdcore.backends"].registers["backends"] == ["cuda", "cpp", "triton", "reference"]
-    assert set(found["kdcore.losses"].registers["losses"]) == set(kdcore.DIVERGENCES)
+    assert set(found["kdcore.losses"].registers["losses"]) == set(kdcore.DIVERGENCES) | {"dkd"}
 
 
 def test_builtins_load_from_a_source_tree_without_entry_points(monkeypatch):
