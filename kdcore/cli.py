@@ -1,5 +1,5 @@
-"""The ``kdcore`` command (also ``python -m kdcore``): ``distill``, ``eval``, ``cache-teacher``,
-``demo``, ``plugins``, ``bench``.
+"""The ``kdcore`` command (also ``python -m kdcore``): ``distill``, ``eval``, ``report``,
+``cache-teacher``, ``demo``, ``plugins``, ``bench``.
 
 Errors a user can fix (a bad config, a missing file, a busy or already used output directory)
 print one line naming the problem and exit with status 2. A loss that stops being finite prints
@@ -65,6 +65,21 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--checkpoint", help="a student state-dict file (default: OUTPUT_DIR/student.pt)")
     _add_overrides(evaluate)
     evaluate.set_defaults(run=eval_command)
+
+    report = commands.add_parser("report", help="what a distilled student inherits from its teacher",
+                                 description="Scores a finished run's student and its first teacher (and, with "
+                                             "--baseline, another run's student, e.g. one trained without the "
+                                             "teacher) on the run's held-out split: accuracy, agreement, KL, "
+                                             "calibration, the share of the teacher's errors each student repeats, "
+                                             "and the per-class gap over the baseline against the teacher's "
+                                             "per-class accuracy. Writes report.json and report.png and prints a "
+                                             "summary.")
+    report.add_argument("run_dir", metavar="RUN_DIR", help="the output_dir of a finished `kdcore distill` run")
+    report.add_argument("--baseline", metavar="RUN_DIR",
+                        help="a run whose student is compared with RUN_DIR's (same held-out data and classes)")
+    report.add_argument("--output", metavar="DIR", help="where report.json and report.png go (default RUN_DIR/report)")
+    report.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where the models run (default: the run's)")
+    report.set_defaults(run=report_command)
 
     cache = commands.add_parser("cache-teacher", help="cache a config's teacher as top-k log-probabilities",
                                 description="Run one of the config's teachers over a split of its dataset, in "
@@ -134,6 +149,21 @@ def eval_command(args: argparse.Namespace) -> int:
     metrics = Distiller(args.config, overrides=args.overrides).evaluate(args.checkpoint)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one copy of the (all-reduced) metrics
         print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def report_command(args: argparse.Namespace) -> int:
+    from kdcore.transfer import report
+    from kdcore.transfer.runs import ReportError
+
+    if importlib.util.find_spec("matplotlib") is None:  # checked before the models run
+        raise _UsageError("the report draws report.png with matplotlib: pip install matplotlib (or kdcore[demo])")
+    try:
+        record, output = report.write_report(args.run_dir, baseline_dir=args.baseline, output=args.output,
+                                             device=args.device)
+    except ReportError as exc:  # runs that cannot be compared: a problem the user fixes by choosing others
+        raise _UsageError(str(exc)) from None
+    print(report.summary(record, output))
     return 0
 
 

@@ -19,10 +19,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("command, expected", [
-    ([], ["distill", "eval", "cache-teacher", "demo", "plugins", "bench", "--disable-plugins"]),
+    ([], ["distill", "eval", "report", "cache-teacher", "demo", "plugins", "bench", "--disable-plugins"]),
     (["demo"], ["--seeds", "--epochs", "--train-fraction", "--output-dir"]),
     (["distill"], ["config", "--resume", "--set KEY=VALUE", "torchrun"]),
     (["eval"], ["config", "--checkpoint"]),
+    (["report"], ["RUN_DIR", "--baseline RUN_DIR", "--output DIR", "--device"]),
     (["plugins"], ["--json"]),
     (["bench"], ["--help-bench", "--benchmark {kd_loss,kd_loss_sparse,fused_linear_kd}"]),
     (["cache-teacher"], ["config", "--output", "--k", "--temperature", "--value-dtype", "--split", "--teacher"]),
@@ -74,7 +75,8 @@ def test_python_m_kdcore_and_bench(tmp_path):
     assert "kdcore bench: kdcore bench runs the benchmarks of kdcore's source tree" in elsewhere.stderr
 
 
-@pytest.mark.parametrize("command", [[], ["distill"], ["eval"], ["cache-teacher"], ["demo"], ["plugins"], ["bench"]])
+@pytest.mark.parametrize("command", [[], ["distill"], ["eval"], ["report"], ["cache-teacher"], ["demo"], ["plugins"],
+                                     ["bench"]])
 def test_help_imports_no_torch(command):
     """`kdcore ... --help` answers before torch is imported (what makes it instant)."""
     probe = ("import sys\nfrom kdcore import cli\ntry:\n    cli.main(sys.argv[1:] + ['--help'])\nexcept SystemExit:\n"
