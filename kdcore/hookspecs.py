@@ -41,12 +41,36 @@ def kdcore_register_methods(register):
 
 @hookspec
 def kdcore_register_losses(register):
-    """Register loss functions that configs and methods can name.
+    """Register loss functions that method configs choose by name (``loss: NAME``).
 
-    Call ``register(name, fn, description="")`` for each. ``fn(student_logits, teacher_logits,
-    **options)`` returns the loss as a tensor; ``options`` are the keyword arguments of
-    :func:`kdcore.kd_loss` it understands (``temperature``, ``labels``, ``reduction``, ...) plus its
-    own. It must be differentiable with respect to ``student_logits``.
+    Call ``register(name, fn, description="")`` for each. Methods call it as :func:`kdcore.kd_loss`
+    is called::
+
+        fn(student_logits, teacher_logits, *, labels=None, ignore_index=-100, temperature=1.0,
+           reduction="batchmean", normalizer=None, **own_options)
+
+    with logits ``[..., V]`` of one shape (a row per example or token) and ``labels`` ``[...]``.
+    It returns the reduced loss, a tensor differentiable in ``student_logits`` (kdcore's methods
+    pass teacher logits that need no gradient).
+
+    Every call passes ``labels``, ``ignore_index``, ``temperature``, ``reduction`` and
+    ``normalizer``. Rows labelled ``ignore_index`` count for nothing (without labels every row
+    counts). ``temperature`` is the method's; what it does is the loss's choice (kd_loss softens
+    both sides and scales by T²). Methods pass ``reduction="batchmean"``: the sum over kept rows
+    divided by ``normalizer``, or by the number of kept rows when it is None, 0 with none kept (the
+    engine's normalizer counts the kept rows of the whole step, so that gradient accumulation and
+    several processes give the full-batch mean); ``"sum"`` and ``"none"`` (per row, 0 where dropped)
+    are as in kd_loss. :func:`kdcore.engine.named_loss.reduce_rows` is this reduction.
+
+    Passed only when the method's config sets them: its ``beta`` and ``alpha`` (kd_loss's mixing
+    weights, on methods that have them) and the loss's own options, ``loss: {name: NAME, option:
+    value}``. A loss declares its own options as keyword parameters and rejects a bad value, or
+    (taking ``**options``) an unknown name, with ``ValueError`` or ``TypeError`` naming it. A method
+    calls the loss once on small CPU float32 logits (``[2, 8]``, with labels) when it is built, so
+    that a rejected option is a one-line config error before training; any other exception, there or
+    during training, stops the run as a :class:`kdcore.plugins.PluginFault` naming the plugin.
+    kd_loss's divergences are registered this way too (``forward_kl``, ``jsd``, ...), with kd_loss's
+    keywords as their options.
     """
 
 

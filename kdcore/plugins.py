@@ -205,11 +205,12 @@ class PluginHost:
         """Runs the ``with`` block as the code of the plugin that registered ``name`` in
         ``registry`` (a method's ``losses``, say): an exception becomes a :class:`PluginFault`
         naming that plugin, except the kinds in ``passes`` (how the plugin rejects a config). A
-        name no plugin registered (an import path) passes exceptions on."""
+        name no plugin registered (an import path) passes exceptions on, and so does a fault that
+        already names a plugin (a method's call of a registered loss)."""
         try:
             yield
         except Exception as exc:
-            if name not in registry or isinstance(exc, passes):
+            if name not in registry or isinstance(exc, (PluginFault, *passes)):
                 raise
             plugin = registry.entry(name).plugin
             raise PluginFault(f"{self.describe(plugin)} ({registry.kind} {name!r})", where, exc,

@@ -9,8 +9,9 @@ distance between normalized maps, averaged over positions and summed over pairs,
 ``beta / 2`` as in the paper; the labels' cross-entropy and (optionally) response KD are added.
 
 Config keys: ``layers`` (required: ``[[student_layer, teacher_layer], ...]``), ``beta`` (default
-1000), ``ce_weight`` (default 1.0), ``kd_weight`` (default 0: no output term), ``temperature``
-(default 4.0), ``divergence`` (default ``"forward_kl"``).
+1000, the attention term's weight), ``ce_weight`` (default 1.0), ``kd_weight`` (default 0: no
+output term), ``temperature`` (default 4.0), ``divergence`` (default ``"forward_kl"``) or ``loss``
+(any registered loss).
 """
 
 from __future__ import annotations
@@ -39,9 +40,10 @@ class AttentionTransfer(kdcore.Method):
     def __init__(self, config):
         super().__init__(config)
         options = options_of(self.name, self.config, layers=None, beta=1000.0, ce_weight=1.0, kd_weight=0.0,
-                             temperature=4.0, divergence="forward_kl")
+                             temperature=4.0, loss=None, divergence="forward_kl")
         self.pairs = layer_pairs(self.name, options["layers"])
-        self.response = ResponseTerms(self.name, {**options, "beta": 0.5, "alpha": 0.1})
+        response_keys = ("temperature", "loss", "divergence", "kd_weight", "ce_weight")  # beta weighs the maps
+        self.response = ResponseTerms(self.name, self.config, {key: options[key] for key in response_keys})
         self.default_weights = {**self.response.weights, "attention": float(options["beta"]) / 2}
 
     def setup(self, ctx):

@@ -9,8 +9,8 @@ last generation. Without a teacher in the config, generation 1 is trained on lab
 teaches generation 2.
 
 Config keys: ``generations`` (default 2), ``ensemble`` (default false), and the response-KD keys
-``temperature`` (default 1.0, as in the paper), ``divergence``, ``beta``, ``alpha``, ``kd_weight``
-(default 1.0), ``ce_weight`` (default 1.0).
+``temperature`` (default 1.0, as in the paper), ``divergence`` or ``loss``, ``beta``, ``alpha``,
+``kd_weight`` (default 1.0), ``ce_weight`` (default 1.0).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class BornAgain(kdcore.Method):
         if not isinstance(self.generations, int) or self.generations < 1:
             raise ValueError(f"born_again: generations must be a positive integer, got {self.generations!r}")
         self.ensemble = bool(options["ensemble"])
-        self.response = ResponseTerms(self.name, options)
+        self.response = ResponseTerms(self.name, self.config, options)
         self.default_weights = self.response.weights
 
     def plan(self, config):
@@ -60,7 +60,7 @@ class BornAgain(kdcore.Method):
     def losses(self, batch, outputs, ctx):
         if not outputs.teachers:  # generation 1 with no teacher in the config
             return {"ce": cross_entropy(outputs.student, batch.labels, ctx, method=self.name)}
-        temperature = self.response.kd_options["temperature"]
+        temperature = self.response.temperature
         teacher = outputs.teachers[0]
         if len(outputs.teachers) > 1:
             log_probs = [(t.float() / temperature).log_softmax(-1) for t in outputs.teachers]

@@ -10,21 +10,25 @@ one term ``kd`` (``kd_weight · T² · D + ce_weight · CE``, averaged over labe
 teachers listed in the run config (the one the cache was written from) are not built.
 
 The loss temperature is the cache's (its log-probabilities were taken at it); ``temperature``, if
-given, must equal it.
+given, must equal it. The teacher is sparse, so ``loss`` names one of kd_loss's divergences (as
+``divergence`` does): a registered loss of dense teacher logits cannot take it.
 
-Config keys: ``divergence`` ("forward_kl"), ``sparse_mode`` ("tail"), ``temperature`` (the
-cache's), ``beta``, ``alpha``, ``kd_weight`` (1.0), ``ce_weight`` (0.0), ``vocab_size`` (None).
+Config keys: ``divergence`` ("forward_kl") or ``loss`` (not both), ``sparse_mode`` ("tail"),
+``temperature`` (the cache's), ``beta``, ``alpha``, ``kd_weight`` (1.0), ``ce_weight`` (0.0),
+``vocab_size`` (None).
 """
 
 from __future__ import annotations
 
 import kdcore
+from kdcore import _checks
 from kdcore.cache import CacheError, TeacherCache
+from kdcore.divergences import DIVERGENCES
 from kdcore.engine.method import options_of
-from kdcore.functional import loss_options
+from kdcore.engine.named_loss import chosen_loss
 
-DEFAULTS = dict(divergence="forward_kl", sparse_mode="tail", temperature=None, beta=0.5, alpha=0.1, kd_weight=1.0,
-                ce_weight=0.0, vocab_size=None)
+DEFAULTS = dict(loss=None, divergence="forward_kl", sparse_mode="tail", temperature=None, beta=0.5, alpha=0.1,
+                kd_weight=1.0, ce_weight=0.0, vocab_size=None)
 
 
 class CachedKD(kdcore.Method):
@@ -33,9 +37,18 @@ class CachedKD(kdcore.Method):
 
     def __init__(self, config):
         super().__init__(config)
-        self.options = options_of(self.name, self.config, **DEFAULTS)
-        if self.options["sparse_mode"] not in ("tail", "renorm"):
-            raise ValueError(f"cached_kd: sparse_mode must be 'tail' or 'renorm', got {self.options['sparse_mode']!r}")
+        options = options_of(self.name, self.config, **DEFAULTS)
+        if options["sparse_mode"] not in ("tail", "renorm"):
+            raise ValueError(f"cached_kd: sparse_mode must be 'tail' or 'renorm', got {options['sparse_mode']!r}")
+        self.loss = chosen_loss(self.name, self.config, options)
+        if self.loss.divergence is None:
+            raise ValueError(f"cached_kd: loss {self.loss.name!r} takes dense teacher logits, but a teacher-logit "
+                             "cache holds top-k log-probabilities; choose one of kd_loss's divergences "
+                             f"({', '.join(DIVERGENCES)})")
+        self.temperature = options["temperature"]
+        self.options = {"sparse_mode": options["sparse_mode"], "vocab_size": options["vocab_size"],
+                        "kd_weight": _checks.non_negative(self.name, "kd_weight", options["kd_weight"]),
+                        "ce_weight": _checks.non_negative(self.name, "ce_weight", options["ce_weight"])}
 
     def plan(self, config):
         if config.data.teacher_cache is None:
@@ -45,20 +58,20 @@ class CachedKD(kdcore.Method):
             temperature = TeacherCache(config.data.teacher_cache).spec.temperature
         except (CacheError, OSError) as exc:
             raise ValueError(f"cached_kd: data.teacher_cache: {exc}") from None
-        if self.options["temperature"] is not None and self.options["temperature"] != temperature:
-            raise ValueError(f"cached_kd: temperature {self.options['temperature']} differs from the cache's "
-                             f"{temperature} (its log-probabilities were taken at that temperature)")
-        self.options["temperature"] = temperature
-        loss_options(self.name, t2_scale=True, reduction="batchmean", ignore_index=-100,
-                     **{key: self.options[key] for key in ("divergence", "temperature", "beta", "alpha", "kd_weight",
-                                                           "ce_weight")})
+        if self.temperature is not None and self.temperature != temperature:
+            raise ValueError(f"cached_kd: temperature {self.temperature} differs from the cache's {temperature} (its "
+                             "log-probabilities were taken at that temperature)")
+        self.temperature = temperature
+        self.loss.check(self.name, temperature)
         return [kdcore.Stage(self.name, teachers=[])]
 
     def losses(self, batch, outputs, ctx):
         if batch.teacher is None:
             raise ValueError("cached_kd: the batch carries no cached teacher; set data.teacher_cache")
         return {"kd": kdcore.kd_loss(outputs.student, teacher=batch.teacher, labels=batch.labels,
-                                     ignore_index=ctx.ignore_index, normalizer=ctx.normalizer, **self.options)}
+                                     ignore_index=ctx.ignore_index, normalizer=ctx.normalizer,
+                                     divergence=self.loss.divergence, temperature=self.temperature, **self.options,
+                                     **self.loss.options)}
 
 
 @kdcore.hookimpl

@@ -8,30 +8,34 @@ from typing import Any
 import torch
 from torch import nn
 
-import kdcore
+from kdcore import _checks
+from kdcore.engine.named_loss import chosen_loss
 from kdcore.engine.terms import cross_entropy
-from kdcore.functional import loss_options
 from kdcore.integrations.generation import GenerationOptions
 
-#: the options of the response-KD term, with Hinton et al.'s defaults
-RESPONSE_DEFAULTS = dict(temperature=4.0, divergence="forward_kl", beta=0.5, alpha=0.1, kd_weight=0.9, ce_weight=0.1)
+#: the options of the response-KD term, with Hinton et al.'s defaults (``loss`` None: ``divergence`` chooses)
+RESPONSE_DEFAULTS = dict(temperature=4.0, loss=None, divergence="forward_kl", beta=0.5, alpha=0.1, kd_weight=0.9,
+                         ce_weight=0.1)
 
 
 class ResponseTerms:
-    """``kd``: ``kdcore.kd_loss`` between student and teacher logits (T²-scaled, fused kernels);
-    ``ce``: cross-entropy on the labels, present when its weight is positive. Weights go to the
-    method's ``default_weights``."""
+    """``kd``: the config's loss between student and teacher logits (``loss: NAME``, any registered
+    loss, or ``divergence``: a fused :func:`kdcore.kd_loss` divergence, T²-scaled); ``ce``:
+    cross-entropy on the labels, present when its weight is positive. Weights go to the method's
+    ``default_weights``. ``config`` is the method's section as the run config sets it, ``options``
+    the same with the defaults (see :func:`kdcore.engine.named_loss.chosen_loss`)."""
 
-    def __init__(self, method: str, options: Mapping[str, Any]) -> None:
+    def __init__(self, method: str, config: Mapping[str, Any], options: Mapping[str, Any]) -> None:
         self.method = method
-        self.kd_options = {key: options[key] for key in ("temperature", "divergence", "beta", "alpha")}
-        loss_options(method, t2_scale=True, reduction="batchmean", ignore_index=-100, kd_weight=options["kd_weight"],
-                     ce_weight=options["ce_weight"], **self.kd_options)
-        self.weights = {"kd": float(options["kd_weight"]), "ce": float(options["ce_weight"])}
+        self.temperature = options["temperature"]
+        self.loss = chosen_loss(method, config, options)
+        self.loss.check(method, self.temperature)
+        self.weights = {"kd": _checks.non_negative(method, "kd_weight", options["kd_weight"]),
+                        "ce": _checks.non_negative(method, "ce_weight", options["ce_weight"])}
 
     def __call__(self, student: torch.Tensor, teacher: torch.Tensor, batch, ctx) -> dict[str, torch.Tensor]:
-        terms = {"kd": kdcore.kd_loss(student, teacher, labels=batch.labels, ignore_index=ctx.ignore_index,
-                                      normalizer=ctx.normalizer, **self.kd_options)}
+        terms = {"kd": self.loss(student, teacher, labels=batch.labels, ignore_index=ctx.ignore_index,
+                                 temperature=self.temperature, normalizer=ctx.normalizer)}
         if self.weights["ce"] > 0:
             terms["ce"] = cross_entropy(student, batch.labels, ctx, method=self.method)
         return terms

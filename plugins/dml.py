@@ -7,8 +7,8 @@ for the peer, the other side's prediction held fixed). Both are trained (the sta
 (``stages/0-dml/teacher0.pt``). Evaluation reports the student's agreement with its peer.
 
 Config keys: ``peer`` (a model spec; default: the same model as the student, freshly
-initialized), ``temperature`` (default 1.0), ``divergence`` (default ``"forward_kl"``),
-``kd_weight`` (default 1.0), ``ce_weight`` (default 1.0).
+initialized), ``temperature`` (default 1.0), ``divergence`` (default ``"forward_kl"``) or ``loss``
+(any registered loss), ``kd_weight`` (default 1.0), ``ce_weight`` (default 1.0).
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ class MutualLearning(kdcore.Method):
 
     def __init__(self, config):
         super().__init__(config)
-        options = options_of(self.name, self.config, peer=None, temperature=1.0, divergence="forward_kl",
+        options = options_of(self.name, self.config, peer=None, temperature=1.0, loss=None, divergence="forward_kl",
                              kd_weight=1.0, ce_weight=1.0)
         self.peer = options["peer"]
-        self.response = ResponseTerms(self.name, {**options, "beta": 0.5, "alpha": 0.1})
+        self.response = ResponseTerms(self.name, self.config, options)
         self.default_weights = {**self.response.weights, "peer_kd": self.response.weights["kd"],
                                 "peer_ce": self.response.weights["ce"]}
 

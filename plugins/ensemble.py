@@ -15,8 +15,8 @@ surest teacher leads on each example. The student side uses ``temperature``. Eva
 the student with the combination at temperature 1.
 
 Config keys: ``space``, ``weights``, ``temperatures`` (one per teacher; default: ``temperature``
-for all), and the response-KD keys ``temperature``, ``divergence``, ``beta``, ``alpha``,
-``kd_weight``, ``ce_weight``.
+for all), and the response-KD keys ``temperature``, ``divergence`` or ``loss``, ``beta``,
+``alpha``, ``kd_weight``, ``ce_weight``.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class Ensemble(kdcore.Method):
                 isinstance(t, (int, float)) and t > 0 for t in temperatures)):
             raise ValueError(f"ensemble: temperatures must be a list of positive numbers, got {temperatures!r}")
         self.space, self.weights, self.temperatures = options["space"], weights, temperatures
-        self.response = ResponseTerms(self.name, options)
+        self.response = ResponseTerms(self.name, self.config, options)
         self.default_weights = self.response.weights
 
     def plan(self, config):
@@ -83,7 +83,7 @@ class Ensemble(kdcore.Method):
         return self.combined(outputs.teachers, 1.0, [1.0] * len(outputs.teachers))
 
     def losses(self, batch, outputs, ctx):
-        temperature = self.response.kd_options["temperature"]
+        temperature = self.response.temperature
         temperatures = self.temperatures or [temperature] * len(outputs.teachers)
         teacher = self.combined(outputs.teachers, temperature, temperatures)
         return self.response(outputs.student, teacher, batch, ctx)

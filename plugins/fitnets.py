@@ -14,7 +14,7 @@ training, then a stage ``distill`` of response KD that continues from its studen
 Config keys: ``hints`` (required: ``[[student_layer, teacher_layer], ...]``, submodule paths such
 as ``"layer2"`` or ``"body.1"``), ``hint_weight`` (default 1.0: per example, the mean squared error
 over the feature's elements, summed over pairs), ``hint_epochs`` (default 0), and the response-KD
-keys ``temperature``, ``divergence``, ``beta``, ``alpha``, ``kd_weight``, ``ce_weight``.
+keys ``temperature``, ``divergence`` or ``loss``, ``beta``, ``alpha``, ``kd_weight``, ``ce_weight``.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class FitNets(kdcore.Method):
         self.hint_epochs = int(options["hint_epochs"])
         if self.hint_epochs < 0:
             raise ValueError(f"fitnets: hint_epochs must be >= 0, got {self.hint_epochs}")
-        self.response = ResponseTerms(self.name, options)
+        self.response = ResponseTerms(self.name, self.config, options)
         self.default_weights = {**self.response.weights, "hint": float(options["hint_weight"])}
 
     def plan(self, config):

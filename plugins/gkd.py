@@ -9,14 +9,15 @@ dataset's continuations (or, with ``seq_kd: true``, on the teacher's). Whether a
 on-policy is drawn from the run's seed and the step number: the same on every process and micro-
 batch, and again the same when a run resumes. The divergence defaults to the paper's generalized
 JSD(β) (β = 0.5); any divergence of :func:`kdcore.kd_loss` works (``forward_kl`` with λ = 0 is
-supervised KD, ``reverse_kl`` with λ = 1 on-policy reverse KL). No gradient flows through the
-sampling.
+supervised KD, ``reverse_kl`` with λ = 1 on-policy reverse KL), and so does any registered loss
+(``loss: NAME``). No gradient flows through the sampling.
 
 Needs Hugging Face causal LMs (``hf_causal_lm``); prompts come from the data (see
 :mod:`kdcore.integrations.generation`).
 
-Config keys: ``lmbda`` (0.5), ``seq_kd`` (false), ``divergence`` ("jsd"), ``beta`` (0.5),
-``alpha``, ``temperature`` (1.0, of the loss); ``max_new_tokens`` (64), ``do_sample`` (true),
+Config keys: ``lmbda`` (0.5), ``seq_kd`` (false), ``divergence`` ("jsd") or ``loss`` (a
+registered loss's name, or ``{name: NAME, option: value}``; not both), ``beta`` (0.5), ``alpha``,
+``temperature`` (1.0, of the loss); ``max_new_tokens`` (64), ``do_sample`` (true),
 ``generation_temperature`` (1.0), ``top_p`` (1.0), ``num_beams`` (1), ``eos_token_id``.
 """
 
@@ -25,12 +26,12 @@ from __future__ import annotations
 
 import kdcore
 from kdcore.engine.method import options_of
-from kdcore.functional import loss_options
+from kdcore.engine.named_loss import chosen_loss
 from kdcore.integrations.generation import continue_prompts, require_generate
 from kdcore_plugins.common import GENERATION_DEFAULTS, generation_options, on_policy_step
 
-DEFAULTS = dict(GENERATION_DEFAULTS, do_sample=True, lmbda=0.5, seq_kd=False, divergence="jsd", beta=0.5, alpha=0.1,
-                temperature=1.0)
+DEFAULTS = dict(GENERATION_DEFAULTS, do_sample=True, lmbda=0.5, seq_kd=False, loss=None, divergence="jsd", beta=0.5,
+                alpha=0.1, temperature=1.0)
 
 
 class GKD(kdcore.Method):
@@ -47,9 +48,9 @@ class GKD(kdcore.Method):
         if not isinstance(options["seq_kd"], bool):
             raise ValueError(f"gkd: seq_kd must be true or false, got {options['seq_kd']!r}")
         self.seq_kd = options["seq_kd"]
-        self.kd_options = {key: options[key] for key in ("divergence", "temperature", "beta", "alpha")}
-        loss_options(self.name, t2_scale=True, reduction="batchmean", ignore_index=-100, kd_weight=1.0, ce_weight=0.0,
-                     **self.kd_options)
+        self.temperature = options["temperature"]
+        self.loss = chosen_loss(self.name, self.config, options)
+        self.loss.check(self.name, self.temperature)
 
     def setup(self, ctx):
         if "teacher0" not in ctx.models:
@@ -69,8 +70,8 @@ class GKD(kdcore.Method):
         return batch
 
     def losses(self, batch, outputs, ctx):
-        return {"kd": kdcore.kd_loss(outputs.student, outputs.teachers[0], labels=batch.labels,
-                                     ignore_index=ctx.ignore_index, normalizer=ctx.normalizer, **self.kd_options)}
+        return {"kd": self.loss(outputs.student, outputs.teachers[0], labels=batch.labels,
+                                ignore_index=ctx.ignore_index, temperature=self.temperature, normalizer=ctx.normalizer)}
 
 
 @kdcore.hookimpl

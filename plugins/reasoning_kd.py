@@ -17,9 +17,10 @@ A ``answer_marker`` string stands for its UTF-8 bytes (byte-level vocabularies, 
 ``text`` dataset's); for a tokenized vocabulary give the marker's token ids as a list.
 
 Config keys: ``answer_marker`` (required), ``source`` ("teacher"), ``rationale_weight`` (1.0),
-``answer_weight`` (1.0), ``kd_weight`` (0.0) with ``divergence`` ("forward_kl"), ``temperature``
-(1.0), ``beta``, ``alpha``; and, for ``source: teacher``, ``max_new_tokens`` (64), ``do_sample``
-(false), ``generation_temperature``, ``top_p``, ``num_beams``, ``eos_token_id``.
+``answer_weight`` (1.0), ``kd_weight`` (0.0) with ``divergence`` ("forward_kl") or ``loss`` (any
+registered loss), ``temperature`` (1.0), ``beta``, ``alpha``; and, for ``source: teacher``,
+``max_new_tokens`` (64), ``do_sample`` (false), ``generation_temperature``, ``top_p``,
+``num_beams``, ``eos_token_id``.
 """
 
 from __future__ import annotations
@@ -28,14 +29,15 @@ import torch
 import torch.nn.functional as F
 
 import kdcore
+from kdcore import _checks
 from kdcore.engine.data import call_model
 from kdcore.engine.method import Outputs, options_of
-from kdcore.functional import loss_options
+from kdcore.engine.named_loss import chosen_loss
 from kdcore.integrations.generation import continue_prompts, require_generate
 from kdcore_plugins.common import GENERATION_DEFAULTS, generation_options
 
 DEFAULTS = dict(GENERATION_DEFAULTS, answer_marker=None, source="teacher", rationale_weight=1.0, answer_weight=1.0,
-                kd_weight=0.0, divergence="forward_kl", temperature=1.0, beta=0.5, alpha=0.1)
+                kd_weight=0.0, loss=None, divergence="forward_kl", temperature=1.0, beta=0.5, alpha=0.1)
 
 
 def marker_ids(marker) -> list[int]:
@@ -72,16 +74,17 @@ class ReasoningKD(kdcore.Method):
                              f"'data' (the dataset's), got {options['source']!r}")
         self.source = options["source"]
         self.generation = generation_options(self.name, options)
-        self.kd_options = {key: options[key] for key in ("divergence", "temperature", "beta", "alpha")}
-        loss_options(self.name, t2_scale=True, reduction="batchmean", ignore_index=-100, kd_weight=options["kd_weight"],
-                     ce_weight=1.0, **self.kd_options)
+        self.temperature = options["temperature"]
+        self.loss = chosen_loss(self.name, self.config, options)
+        self.loss.check(self.name, self.temperature)
+        kd_weight = _checks.non_negative(self.name, "kd_weight", options["kd_weight"])
         for key in ("rationale_weight", "answer_weight"):
             if isinstance(options[key], bool) or not isinstance(options[key], (int, float)) or options[key] < 0:
                 raise ValueError(f"reasoning_kd: {key} must be a number >= 0, got {options[key]!r}")
         self.default_weights = {"rationale": float(options["rationale_weight"]),
                                 "answer": float(options["answer_weight"])}
-        if options["kd_weight"] > 0:
-            self.default_weights["kd"] = float(options["kd_weight"])
+        if kd_weight > 0:
+            self.default_weights["kd"] = kd_weight
 
     @property
     def needs_teacher(self) -> bool:
@@ -119,8 +122,8 @@ class ReasoningKD(kdcore.Method):
         terms = {"rationale": ctx.per_row(per_token.masked_fill(answer, 0).sum()),
                  "answer": ctx.per_row(per_token.masked_fill(~answer, 0).sum())}
         if "kd" in self.default_weights:
-            terms["kd"] = kdcore.kd_loss(logits, outputs.teachers[0], labels=batch.labels,
-                                         ignore_index=ctx.ignore_index, normalizer=ctx.normalizer, **self.kd_options)
+            terms["kd"] = self.loss(logits, outputs.teachers[0], labels=batch.labels, ignore_index=ctx.ignore_index,
+                                    temperature=self.temperature, normalizer=ctx.normalizer)
         return terms
 
 

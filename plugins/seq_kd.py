@@ -14,21 +14,23 @@ afresh at every step, under the run's seed. Needs Hugging Face causal LMs (``hf_
 
 Config keys: ``max_new_tokens`` (64), ``do_sample`` (false), ``generation_temperature`` (1.0),
 ``top_p`` (1.0), ``num_beams`` (1), ``eos_token_id`` (the teacher's); ``ce_weight`` (1.0),
-``kd_weight`` (0.0) with ``divergence`` ("forward_kl"), ``temperature`` (1.0), ``beta``, ``alpha``.
+``kd_weight`` (0.0) with ``divergence`` ("forward_kl") or ``loss`` (any registered loss),
+``temperature`` (1.0), ``beta``, ``alpha``.
 """
 
 from __future__ import annotations
 
 import kdcore
+from kdcore import _checks
 from kdcore.engine.data import call_model
 from kdcore.engine.method import Outputs, options_of
+from kdcore.engine.named_loss import chosen_loss
 from kdcore.engine.terms import cross_entropy
-from kdcore.functional import loss_options
 from kdcore.integrations.generation import continue_prompts, require_generate
 from kdcore_plugins.common import GENERATION_DEFAULTS, generation_options
 
-DEFAULTS = dict(GENERATION_DEFAULTS, ce_weight=1.0, kd_weight=0.0, divergence="forward_kl", temperature=1.0,
-                beta=0.5, alpha=0.1)
+DEFAULTS = dict(GENERATION_DEFAULTS, ce_weight=1.0, kd_weight=0.0, loss=None, divergence="forward_kl",
+                temperature=1.0, beta=0.5, alpha=0.1)
 
 
 class SequenceKD(kdcore.Method):
@@ -38,12 +40,13 @@ class SequenceKD(kdcore.Method):
         super().__init__(config)
         options = options_of(self.name, self.config, **DEFAULTS)
         self.generation = generation_options(self.name, options)
-        self.kd_options = {key: options[key] for key in ("divergence", "temperature", "beta", "alpha")}
-        loss_options(self.name, t2_scale=True, reduction="batchmean", ignore_index=-100, kd_weight=options["kd_weight"],
-                     ce_weight=options["ce_weight"], **self.kd_options)
-        self.default_weights = {"ce": float(options["ce_weight"])}
-        if options["kd_weight"] > 0:
-            self.default_weights["kd"] = float(options["kd_weight"])
+        self.temperature = options["temperature"]
+        self.loss = chosen_loss(self.name, self.config, options)
+        self.loss.check(self.name, self.temperature)
+        kd_weight = _checks.non_negative(self.name, "kd_weight", options["kd_weight"])
+        self.default_weights = {"ce": _checks.non_negative(self.name, "ce_weight", options["ce_weight"])}
+        if kd_weight > 0:
+            self.default_weights["kd"] = kd_weight
 
     def setup(self, ctx):
         if "teacher0" not in ctx.models:
@@ -62,8 +65,9 @@ class SequenceKD(kdcore.Method):
     def losses(self, batch, outputs, ctx):
         terms = {"ce": cross_entropy(outputs.student, batch.labels, ctx, method=self.name)}
         if "kd" in self.default_weights:
-            terms["kd"] = kdcore.kd_loss(outputs.student, outputs.teachers[0], labels=batch.labels,
-                                         ignore_index=ctx.ignore_index, normalizer=ctx.normalizer, **self.kd_options)
+            terms["kd"] = self.loss(outputs.student, outputs.teachers[0], labels=batch.labels,
+                                    ignore_index=ctx.ignore_index, temperature=self.temperature,
+                                    normalizer=ctx.normalizer)
         return terms
 
 

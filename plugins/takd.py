@@ -9,7 +9,7 @@ the next stage's teacher.
 
 Config keys: ``assistants`` (required: a list of model specs, largest first, e.g.
 ``[{model: mlp, options: {hidden: [128]}}]``), and the response-KD keys ``temperature``,
-``divergence``, ``beta``, ``alpha``, ``kd_weight``, ``ce_weight``.
+``divergence`` or ``loss``, ``beta``, ``alpha``, ``kd_weight``, ``ce_weight``.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class TeacherAssistant(kdcore.Method):
         if not isinstance(assistants, list) or not assistants or not all(isinstance(a, Mapping) for a in assistants):
             raise ValueError(f"takd: assistants must be a non-empty list of model specs, got {assistants!r}")
         self.assistants = assistants
-        self.response = ResponseTerms(self.name, options)
+        self.response = ResponseTerms(self.name, self.config, options)
         self.default_weights = self.response.weights
 
     def plan(self, config):

@@ -66,7 +66,7 @@ def test_overrides(config):
     (lambda c: c["method"].update(name="respons_kd"),
      r"method.name: unknown method 'respons_kd' \(did you mean 'response_kd'\?\); registered methods: .*supervised"),
     (lambda c: c["method"].update(temprature=2),
-     r"method: response_kd: unknown config keys \['temprature'\]; it takes alpha, beta, ce_weight, divergence, kd_weight, temperature"),
+     r"method: response_kd: unknown config keys \['temprature'\]; it takes alpha, beta, ce_weight, divergence, kd_weight, loss, temperature"),
     (lambda c: c["method"].update(divergence="kl"), r"method: response_kd: divergence must be one of 'forward_kl'"),
     (lambda c: c["student"].update(model="mlpp"), r"student.model: unknown model 'mlpp' \(did you mean 'mlp'\?\)"),
     (lambda c: c["student"].update(model="torch.nn:Linearr"),

@@ -45,6 +45,16 @@ def test_its_loss():
     torch.testing.assert_close(s.grad, 2 * (s - t).detach() / 4)
 
 
+def test_its_loss_in_any_method():
+    method = plugins.get_method("response_kd")({"loss": "logit_mse", "ce_weight": 0.0})
+    student, teacher = torch.randn(4, 6, requires_grad=True), torch.randn(4, 6)
+    labels = torch.tensor([0, -100, 2, 2])
+    ctx = kdcore.StageContext(None, None, 0, torch.device("cpu"), {"student": torch.nn.Identity()})
+    ctx.normalizer = 6.0  # this micro-batch holds half of the step's kept rows
+    terms = method.losses(Batch(student, labels), kdcore.Outputs(student, [teacher]), ctx)
+    torch.testing.assert_close(terms["kd"], ((student - teacher) ** 2).sum(-1)[labels != -100].sum() / 6)
+
+
 def test_its_method():
     method = plugins.get_method("logit_matching")({"ce_weight": 0.5})
     assert isinstance(method, kdcore.Method) and [s.name for s in method.plan(None)] == ["logit_matching"]

@@ -3,7 +3,8 @@
 It adds one of each thing a plugin can add, except a kernel backend:
 
 * the loss ``logit_mse``: mean squared error between student and teacher logits, the logit
-  regression of Ba & Caruana, "Do Deep Nets Really Need to be Deep?" (NeurIPS 2014);
+  regression of Ba & Caruana, "Do Deep Nets Really Need to be Deep?" (NeurIPS 2014); any
+  logit-level method trains on it with ``loss: logit_mse`` in its config;
 * the method ``logit_matching``: trains the student on that loss against its first teacher, plus
   cross-entropy on the labels when ``ce_weight`` > 0;
 * the callback ``loss_history``: keeps each step's losses and, given ``path``, writes them as
@@ -18,24 +19,21 @@ import torch
 import torch.nn.functional as F
 
 import kdcore
+from kdcore.engine.named_loss import reduce_rows
 
 
-def logit_mse(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, reduction: str = "batchmean",
-              **_kd_loss_options) -> torch.Tensor:
-    """Squared error between logits, summed over the vocabulary: averaged over rows
-    (``"batchmean"``), summed (``"sum"``) or per row (``"none"``). Other kd_loss options
-    (temperature, ...) do not apply to logit regression and are ignored."""
+def logit_mse(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, labels: torch.Tensor | None = None,
+              ignore_index: int = -100, temperature: float = 1.0, reduction: str = "batchmean",
+              normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
+    """Squared error between logits, summed over the vocabulary, per row; reduced as kdcore's
+    registered losses are (rows labelled ``ignore_index`` dropped; ``"batchmean"`` divides by
+    ``normalizer`` or by the kept rows). Logit regression has no temperature: it is accepted, as
+    every registered loss's is, and ignored; there are no options of its own."""
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"logit_mse: student_logits has shape {tuple(student_logits.shape)} but teacher_logits "
                          f"has {tuple(teacher_logits.shape)}")
     per_row = (student_logits.float() - teacher_logits.float()).square().sum(-1)
-    if reduction == "none":
-        return per_row
-    if reduction == "sum":
-        return per_row.sum()
-    if reduction == "batchmean":
-        return per_row.mean()
-    raise ValueError(f"logit_mse: reduction must be 'none', 'sum' or 'batchmean', got {reduction!r}")
+    return reduce_rows(per_row, labels, ignore_index=ignore_index, reduction=reduction, normalizer=normalizer)
 
 
 class LogitMatching(kdcore.Method):
@@ -58,7 +56,8 @@ class LogitMatching(kdcore.Method):
     def losses(self, batch, outputs, ctx):
         if not outputs.teachers:
             raise ValueError("logit_matching needs a teacher")
-        terms = {"kd": ctx.per_row(logit_mse(outputs.student, outputs.teachers[0], reduction="sum"))}
+        terms = {"kd": logit_mse(outputs.student, outputs.teachers[0], labels=batch.labels,
+                                 ignore_index=ctx.ignore_index, normalizer=ctx.normalizer)}
         if self.ce_weight > 0:
             terms["ce"] = self.ce_weight * ctx.per_row(F.cross_entropy(outputs.student, batch.labels, reduction="sum"))
         return terms
