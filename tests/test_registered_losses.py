@@ -109,7 +109,7 @@ CLASSIFICATION = {"name": "response_kd", "temperature": 1.0}
 @pytest.mark.parametrize("method, message", [
     ({**CLASSIFICATION, "loss": "cosin"},
      r"method: response_kd: loss: unknown loss 'cosin' \(did you mean 'cosine'\?\); registered losses: cosine, "
-     r"forward_kl, jsd, .*\(`kdcore plugins` lists what each plugin adds\)"),
+     r"dkd, forward_kl, jsd, .*\(`kdcore plugins` lists what each plugin adds\)"),
     ({**CLASSIFICATION, "loss": {"name": "cosine", "eps": -1.0}},
      r"method: response_kd: loss 'cosine' rejects eps=-1.0: cosine: eps must be > 0, got -1.0"),
     ({**CLASSIFICATION, "loss": {"name": "cosine", "epss": 1}},
