@@ -108,13 +108,20 @@ def build_parser() -> argparse.ArgumentParser:
                                            "plus the teacher int8-quantized and pruned to the student's size; prints "
                                            "a table and whether each method beat scratch, and writes demo.json and "
                                            "demo.png to the output directory.")
-    demo.add_argument("--seeds", type=int, default=3, help="seeds per method (default 3)")
+    demo.add_argument("--seeds", default="3", help="a count (seeds 0 to N-1) or a comma list of seeds, e.g. 7,8,9; "
+                                                   "each method and its scratch baseline share every seed (default 3)")
+    demo.add_argument("--methods", help="a comma list of the methods to run (default: all of them)")
+    demo.add_argument("--sweep", choices=("capacity",),
+                      help="capacity: students from far smaller than the default up to the teacher's size, "
+                           "each trained from scratch, by response_kd and by takd; writes capacity.json and "
+                           "capacity.png")
     demo.add_argument("--epochs", type=int, default=40, help="epochs per student run; teachers train half as many "
                                                              "(default 40)")
     demo.add_argument("--student-width", type=int, default=32, help="hidden units of the student MLP (default 32)")
     demo.add_argument("--train-fraction", type=float, default=0.25,
                       help="the share of the training split students see; teachers see all of it (default 0.25)")
-    demo.add_argument("--output-dir", default="runs/demo", help="where runs and results go (default runs/demo)")
+    demo.add_argument("--output-dir", help="where runs and results go (default runs/demo, or runs/demo-capacity "
+                                            "with --sweep capacity)")
     demo.set_defaults(run=demo_command)
 
     bench = commands.add_parser("bench", help="run the kernel benchmarks (from a source checkout)",
@@ -210,15 +217,40 @@ def demo_command(args: argparse.Namespace) -> int:
 
     if importlib.util.find_spec("matplotlib") is None:  # checked now, not after minutes of training
         raise _UsageError("the demo draws its plot with matplotlib: pip install matplotlib (or kdcore[demo])")
-    for name in ("seeds", "epochs", "student_width"):
+    for name in ("epochs", "student_width"):
         if getattr(args, name) < 1:
             raise _UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if not 0 < args.train_fraction <= 1:
         raise _UsageError(f"--train-fraction must lie in (0, 1], got {args.train_fraction}")
-    settings = demo.Settings(seeds=args.seeds, epochs=args.epochs, student_width=args.student_width,
-                             train_fraction=args.train_fraction, output_dir=Path(args.output_dir))
-    print(demo.run(settings))
+    methods = None if args.methods is None else tuple(name.strip() for name in args.methods.split(","))
+    if methods is not None and args.sweep:
+        raise _UsageError("--methods chooses the rows of the method comparison; --sweep capacity runs its own "
+                          "three (scratch, response_kd, takd): give one or the other")
+    settings = demo.Settings(seeds=_seeds(args.seeds), epochs=args.epochs, student_width=args.student_width,
+                             train_fraction=args.train_fraction, methods=methods,
+                             output_dir=Path(args.output_dir or ("runs/demo-capacity" if args.sweep else "runs/demo")))
+    try:
+        demo.chosen_contenders(settings)
+    except ValueError as exc:
+        raise _UsageError(str(exc)) from None
+    print(demo.sweep(settings) if args.sweep else demo.run(settings))
     return 0
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+    """``--seeds``: a count N (seeds 0 … N-1) or a comma list of distinct seeds."""
+    parts = [part.strip() for part in text.split(",")]
+    if not all(part.lstrip("-").isdigit() for part in parts):
+        raise _UsageError(f"--seeds takes a count or a comma list of integers (e.g. 3 or 7,8,9), got {text!r}")
+    if len(parts) == 1:
+        count = int(parts[0])
+        if count < 1:
+            raise _UsageError(f"--seeds must be at least 1, got {count}")
+        return tuple(range(count))
+    seeds = tuple(int(part) for part in parts)
+    if len(set(seeds)) != len(seeds):
+        raise _UsageError(f"--seeds lists a seed twice: {text!r} (paired seeds must be distinct)")
+    return seeds
 
 
 def bench_command(args: argparse.Namespace) -> int:

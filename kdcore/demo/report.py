@@ -1,5 +1,5 @@
-"""The demo's report: a console table, ``demo.json`` and ``demo.png``, and a plain verdict per
-method against the scratch baseline."""
+"""The demo's report: a console table, ``demo.json`` and ``demo.png``, and a verdict per method
+against the scratch baseline of its architecture, from paired seeds."""
 
 from __future__ import annotations
 
@@ -7,43 +7,56 @@ import dataclasses
 import json
 import statistics
 from pathlib import Path
+from typing import Any
 
 from kdcore.demo.experiment import MARKER, Row, Settings
-
-# rows compared with scratch: students of the scratch model's size, trained another way
-METHODS = ("response_kd", "born_again", "ensemble", "takd", "self_distill", "teacher_pruned")
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def verdicts(rows: list[Row]) -> dict[str, str]:
-    """For each method, whether it beat scratch (a higher mean accuracy *and* better on most seeds),
-    by how much, on how many seeds."""
+def verdict(row: Row, baseline: Row) -> dict[str, Any]:
+    """Whether ``row`` beat ``baseline``, seed by seed (seed i of one against seed i of the other):
+    a positive mean gain *and* better on most seeds."""
+    gains = [a - b for a, b in zip(row.accuracy, baseline.accuracy)]
+    wins = sum(gain > 0 for gain in gains)
+    mean_gain = 100 * statistics.fmean(gains)
+    beat = mean_gain > 0 and 2 * wins > len(gains)
+    text = (f"{'beat' if beat else 'did not beat'} {baseline.name} ({mean_gain:+.1f} points; better on "
+            f"{wins}/{len(gains)} seeds)")
+    return {"beat_scratch": beat, "mean_gain_points": mean_gain, "wins": wins, "seeds": len(gains), "text": text}
+
+
+def verdicts(rows: list[Row]) -> dict[str, dict[str, Any]]:
+    """A verdict for every row that has a baseline (the methods, and the pruned teacher)."""
     by_name = {row.name: row for row in rows}
-    scratch = by_name["scratch"]
-    base, _ = mean_std(scratch.accuracy)
-    out = {}
-    for name in METHODS:
-        row = by_name[name]
-        mean, _ = mean_std(row.accuracy)
-        wins = sum(a > b for a, b in zip(row.accuracy, scratch.accuracy))
-        difference = 100 * (mean - base)
-        verb = "beat" if mean > base and 2 * wins > len(row.accuracy) else "did not beat"
-        out[name] = f"{verb} scratch ({difference:+.1f} points; better on {wins}/{len(row.accuracy)} seeds)"
-    return out
+    return {row.name: verdict(row, by_name[row.baseline]) for row in rows if row.baseline is not None}
+
+
+def _mean_of_known(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.fmean(known) if known else None
+
+
+def _percent(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.1f}"
 
 
 def table(rows: list[Row]) -> str:
-    header = ("method", "accuracy %", "agreement %", "KL to teacher", "ECE", "params ≠ 0", "stored KB", "latency µs")
+    header = ("method", "accuracy %", "agreement %", "KL to teacher", "ECE", "inherited errors %",
+              "scratch's %", "params ≠ 0", "stored KB", "latency µs")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         accuracy, spread = mean_std(row.accuracy)
+        judged = row.baseline is not None or row.name.startswith("scratch")
         lines.append("| " + " | ".join([
             row.name, f"{100 * accuracy:.1f} ± {100 * spread:.1f}",
             f"{100 * statistics.fmean(row.teacher_agreement):.1f}", f"{statistics.fmean(row.kl_to_teacher):.3f}",
-            f"{statistics.fmean(row.ece):.3f}", f"{row.parameters:,}", f"{row.size_kb:.1f}", f"{row.latency_us:.0f}",
+            f"{statistics.fmean(row.ece):.3f}",
+            _percent(_mean_of_known(row.inherited_error_rate)) if judged else "—",
+            _percent(_mean_of_known(row.baseline_inherited_error_rate)) if judged else "—",
+            f"{row.parameters:,}", f"{row.size_kb:.1f}", f"{row.latency_us:.0f}",
         ]) + " |")
     return "\n".join(lines)
 
@@ -52,46 +65,71 @@ def write(rows: list[Row], settings: Settings, seconds: float) -> str:
     """Writes demo.json and demo.png into the output directory; returns the text to print."""
     root = settings.output_dir
     judged = verdicts(rows)
+    seeds = ", ".join(map(str, settings.seeds))
     text = "\n".join([
         f"UCI digits, held-out split; teachers trained on the whole training split, students (scratch included) on "
-        f"{settings.train_fraction:.0%} of it, {settings.epochs} epochs; mean ± std over {settings.seeds} seed(s); "
-        "agreement and KL against each seed's teacher; latency: one example, one CPU thread.",
+        f"{settings.train_fraction:.0%} of it, {settings.epochs} epochs; mean ± std over seeds {seeds}; agreement, KL "
+        "and inherited errors against each seed's teacher (inherited errors: of the held-out examples the teacher "
+        "gets wrong, the share where the model predicts the teacher's wrong class; scratch's: the same for the "
+        "scratch student of that seed); latency: one example, one CPU thread.",
         "", table(rows), "",
-        *(f"{name}: {verdict}" for name, verdict in judged.items()),
+        *(f"{name}: {judged[name]['text']}" for name in judged),
         "", f"{seconds:.0f} s in all; results in {root / MARKER} and {root / 'demo.png'}",
     ])
     (root / MARKER).write_text(json.dumps({
         "settings": {**dataclasses.asdict(settings), "output_dir": str(settings.output_dir)},
         "rows": [dataclasses.asdict(row) for row in rows], "verdicts": judged, "seconds": seconds,
     }, indent=2) + "\n")
-    _plot(rows, root / "demo.png")
+    _plot(rows, judged, root / "demo.png")
     return text
 
 
-def _plot(rows: list[Row], path: Path) -> None:
-    """Accuracy per method (mean ± std), the scratch baseline as a line, each bar labelled with its
-    accuracy and parameter count."""
+def _plot(rows: list[Row], judged: dict[str, dict[str, Any]], path: Path) -> None:
+    """Left: accuracy per row (mean ± std), green where the verdict says it beat its scratch
+    baseline, red where it did not, grey for teachers and baselines; each family's scratch accuracy
+    as a dashed line; a bar below the axis is drawn to the axis with its value written. Right: the
+    inherited-error rate of each judged row beside its scratch baseline's."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    names = [row.name for row in rows]
     means = [100 * mean_std(row.accuracy)[0] for row in rows]
     spreads = [100 * mean_std(row.accuracy)[1] for row in rows]
-    scratch = means[[row.name for row in rows].index("scratch")]
-    low = max(0.0, min(m for m, row in zip(means, rows) if m > scratch - 20) - 5)
-    figure, axis = plt.subplots(figsize=(8, 4.8), dpi=120)
-    colors = ["tab:green" if m > scratch else "tab:gray" for m in means]
-    positions = range(len(rows))[::-1]
-    axis.barh(list(positions), [m - low for m in means], left=low, xerr=spreads, color=colors, capsize=3)
-    for y, mean, spread, row in zip(positions, means, spreads, rows):
-        axis.text(max(mean + spread, low) + 0.3, y, f"{mean:.1f}%  ({row.parameters:,} params)", va="center", fontsize=7)
-    axis.axvline(scratch, color="tab:red", linestyle="--", linewidth=1, label="scratch")
-    axis.set_yticks(list(positions), [row.name for row in rows])
-    axis.set_xlim(low, 101)
-    axis.set_xlabel("held-out accuracy (%), mean ± std over seeds")
-    axis.set_title("UCI digits: students distilled vs. trained from scratch (green: beat scratch)")
-    axis.legend(fontsize=8, loc="lower right")
+    scratch = {row.family: m for row, m in zip(rows, means) if row.name.startswith("scratch")}
+    low = max(0.0, min(scratch.values()) - 8)
+    positions = list(range(len(rows)))[::-1]
+    colors = ["tab:green" if judged.get(n, {}).get("beat_scratch") else "tab:red" if n in judged else "tab:gray"
+              for n in names]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 0.42 * len(rows) + 1.6), dpi=120, sharey=True,
+                                         gridspec_kw={"width_ratios": [3, 2]})
+    shown = [max(m, low) for m in means]
+    visible_spreads = [spread if mean >= low else 0.0 for mean, spread in zip(means, spreads)]
+    left.barh(positions, [m - low for m in shown], left=low, xerr=visible_spreads, color=colors, capsize=3)
+    for y, mean, spread in zip(positions, means, spreads):
+        note = f"{mean:.1f}%" + ("  (below the axis)" if mean < low else "")
+        left.text((mean + spread if mean >= low else low) + 0.3, y, note, va="center", fontsize=7)
+    for family, value in scratch.items():
+        left.axvline(value, color="black", linestyle="--", linewidth=0.8)
+        left.text(value, len(rows) - 0.4, f"scratch ({family})", fontsize=7, ha="center")
+    left.set_yticks(positions, names)
+    left.set_xlim(low, 101)
+    left.set_xlabel("held-out accuracy (%), mean ± std over seeds")
+    left.set_title("green: beat its scratch baseline (paired seeds); red: did not", fontsize=9)
+    rates = [_mean_of_known(row.inherited_error_rate) for row in rows]
+    baselines = [_mean_of_known(row.baseline_inherited_error_rate) for row in rows]
+    for y, rate, base, name in zip(positions, rates, baselines, names):
+        if rate is None or (name not in judged and not name.startswith("scratch")):
+            continue
+        right.barh(y, 100 * rate, color=colors[names.index(name)], height=0.6)
+        if base is not None and name in judged:
+            right.plot(100 * base, y, marker="|", color="black", markersize=12)
+    errors = sum(figures["teacher_errors"] for row in rows if row.name == "scratch" for figures in row.transfer)
+    right.set_xlabel(f"inherited errors (%): the share of the teacher's held-out mistakes\ncopied (the MLP "
+                     f"teacher's: {errors} over all seeds); tick: scratch's share")
+    right.set_xlim(0, 100)
+    figure.suptitle("UCI digits: students distilled vs. trained from scratch")
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
