@@ -7,6 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 transformers = pytest.importorskip("transformers")
 
@@ -105,6 +107,60 @@ def test_sparse_teacher_from_a_cache(fused):
     torch.testing.assert_close(loss, expected)
     with pytest.raises(ValueError, match="one row per predicting position"):
         causal_lm_kd_loss(student, kdcore.SparseTeacher(indices[:, :-1], logprobs[:, :-1]), data)
+
+
+class FreshLogitsSized(TorchDispatchMode):
+    """Records the ops that allocate a tensor of at least ``numel`` elements (one not sharing its
+    storage with an input): a copy of the logits shows up as one."""
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.ops = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        inputs = {t.untyped_storage().data_ptr() for t in tensors}
+        self.ops += [str(func) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)
+                     and t.numel() >= self.numel and t.untyped_storage().data_ptr() not in inputs]
+        return out
+
+
+COPIES = ("aten.clone", "aten.copy", "aten._to_copy", "aten.slice_backward", "aten.cat", "aten.constant_pad_nd")
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_the_labels_shift_and_the_logits_are_not_copied(sparse):
+    """The loss of the shifted labels over the whole logits is the loss of the logits cut to the
+    predicting positions (the gradients bit for bit, the loss to float32 rounding: its sum groups
+    the rows differently), and forward and backward make no logits-sized copy, which cutting them
+    makes (the slice cannot be flattened to rows as a view, and its gradient is scattered back)."""
+    student, teacher = gpt2(vocab=512).float(), gpt2(vocab=512, layers=2, seed=5).float()
+    data = batch(vocab=512, size=4, length=24)
+    options = dict(divergence="jsd", temperature=2.0, ce_weight=0.3)
+    with torch.no_grad():
+        t_logits = teacher(input_ids=data["input_ids"], attention_mask=data["attention_mask"]).logits[:, :-1]
+    logprobs, indices = torch.log_softmax(t_logits, -1).topk(16, dim=-1)
+    given = kdcore.SparseTeacher(indices, logprobs) if sparse else teacher
+
+    def old():
+        s = student(input_ids=data["input_ids"], attention_mask=data["attention_mask"]).logits[:, :-1]
+        return kdcore.kd_loss(s, given if sparse else t_logits, labels=data["labels"][:, 1:], **options)
+
+    params = [p for p in student.parameters() if p.requires_grad]
+    numel = 4 * 23 * 512
+    copies = {}
+    for name, loss_of in (("new", lambda: causal_lm_kd_loss(student, given, data, **options)), ("old", old)):
+        with FreshLogitsSized(numel) as seen:
+            loss = loss_of()
+            grads = torch.autograd.grad(loss, params)
+        copies[name] = [op for op in seen.ops if op.startswith(COPIES)]
+        if name == "new":
+            new_loss, new_grads = loss, grads
+    torch.testing.assert_close(new_loss, loss, rtol=1e-6, atol=0)
+    assert all(torch.equal(a, b) for a, b in zip(new_grads, grads))
+    assert copies["new"] == []
+    assert copies["old"]  # the check sees the copies the slice makes
 
 
 def test_bad_calls_are_named():

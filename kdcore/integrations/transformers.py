@@ -116,8 +116,21 @@ def _logits(model, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
 
 def next_token_labels(labels: torch.Tensor) -> torch.Tensor:
     """Hugging Face labels (the input ids, -100 where no loss is wanted) as the target of each
-    position: ``labels[:, 1:]``, the positions that predict them being ``[:, :-1]``."""
-    return labels[:, 1:]
+    position, ``[B, L]`` like the input: position i predicts ``labels[:, i + 1]``, and the last
+    position, which predicts nothing, gets -100. The labels move rather than the models' outputs
+    being cut to ``[:, :-1]``: such a slice of ``[B, L, V]`` logits cannot be flattened to rows
+    without copying them (and their gradient), while the whole tensor flattens as a view."""
+    return torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+
+
+def _with_last_position(teacher: SparseTeacher) -> SparseTeacher:
+    """A sparse teacher of the predicting positions (``[B, L-1, k]``) extended to all ``L``
+    positions, as the shifted labels are: the last position (labelled -100, never counted) gets
+    the slots that mark nothing (indices ``0..k-1``, log-probability -inf), as a cache's padding does."""
+    batch, _, k = teacher.indices.shape
+    indices = torch.arange(k, device=teacher.indices.device).to(teacher.indices.dtype).expand(batch, 1, k)
+    logprobs = torch.full((batch, 1, k), -torch.inf, dtype=teacher.logprobs.dtype, device=teacher.logprobs.device)
+    return SparseTeacher(torch.cat([teacher.indices, indices], 1), torch.cat([teacher.logprobs, logprobs], 1))
 
 
 def causal_lm_kd_loss(student, teacher, batch: Mapping[str, torch.Tensor], *, fused: bool = False,
@@ -161,24 +174,24 @@ def causal_lm_kd_loss(student, teacher, batch: Mapping[str, torch.Tensor], *, fu
     common = dict(labels=labels, normalizer=normalizer, **options)
     sparse = isinstance(teacher, SparseTeacher)
     if sparse:
-        expected = tuple(labels.shape)
+        expected = (labels.shape[0], labels.shape[1] - 1)
         if tuple(teacher.indices.shape[:-1]) != expected:
             raise ValueError(f"causal_lm_kd_loss: the sparse teacher must have one row per predicting position, "
                              f"shape {expected} + (k,), got {tuple(teacher.indices.shape)}")
+        teacher = _with_last_position(teacher)
     if fused:
         hidden, weight, bias = hidden_states_and_head(student, student, model_inputs(batch))
         if sparse:
-            return kdcore.fused_linear_kd_loss(hidden[:, :-1], weight, student_bias=bias, teacher=teacher, **common)
+            return kdcore.fused_linear_kd_loss(hidden, weight, student_bias=bias, teacher=teacher, **common)
         with torch.no_grad():
             t_hidden, t_weight, t_bias = hidden_states_and_head(teacher, teacher, model_inputs(batch))
-        return kdcore.fused_linear_kd_loss(hidden[:, :-1], weight, t_hidden[:, :-1], t_weight.detach(),
-                                           student_bias=bias, teacher_bias=None if t_bias is None else t_bias.detach(),
-                                           **common)
-    logits = _logits(student, batch)[:, :-1]
+        return kdcore.fused_linear_kd_loss(hidden, weight, t_hidden, t_weight.detach(), student_bias=bias,
+                                           teacher_bias=None if t_bias is None else t_bias.detach(), **common)
+    logits = _logits(student, batch)
     if sparse:
         return kdcore.kd_loss(logits, teacher=teacher, **common)
     with torch.no_grad():
-        teacher_logits = _logits(teacher, batch)[:, :-1]
+        teacher_logits = _logits(teacher, batch)
     return kdcore.kd_loss(logits, teacher_logits, **common)
 
 
@@ -190,9 +203,9 @@ def _aligned(batch: Mapping[str, torch.Tensor], student_tokenizer: Any, teacher_
     if all(key in batch for key in ALIGNED_KEYS):
         view = Batch({"input_ids": batch["teacher_input_ids"], "attention_mask": batch["teacher_attention_mask"]},
                      batch["teacher_labels"], spans=batch["teacher_spans"])
-        return next_token_labels(batch["labels"]), batch["student_spans"][:, :-1], view
+        return next_token_labels(batch["labels"]), batch["student_spans"], view
     aligned = _retokenizer(student_tokenizer, teacher_tokenizer)(_student_view(batch))
-    return next_token_labels(batch["labels"]), aligned.spans[:, :-1], aligned.teacher_view
+    return next_token_labels(batch["labels"]), aligned.spans, aligned.teacher_view
 
 
 def _student_view(batch: Mapping[str, torch.Tensor]):
@@ -200,8 +213,7 @@ def _student_view(batch: Mapping[str, torch.Tensor]):
     position left, the last position unlabelled), which :class:`Retokenizer` reads."""
     from kdcore.engine.data import Batch
 
-    labels = torch.nn.functional.pad(next_token_labels(batch["labels"]), (0, 1), value=-100)
-    return Batch(model_inputs(batch), labels)
+    return Batch(model_inputs(batch), next_token_labels(batch["labels"]))
 
 
 #: per pair of tokenizer objects (kept alive here, so their ids stay theirs): its Retokenizer and
@@ -257,9 +269,9 @@ def _cross_tokenizer_loss(student, teacher, batch, student_tokenizer, teacher_to
         hidden, weight, bias = hidden_states_and_head(student, student, model_inputs(batch))
         with torch.no_grad():
             t_hidden, t_weight, t_bias = hidden_states_and_head(teacher, teacher, view.inputs)
-        return kd_weight * fused_linear_cross_tokenizer_kd_loss(hidden[:, :-1], weight, t_hidden, t_weight,
+        return kd_weight * fused_linear_cross_tokenizer_kd_loss(hidden, weight, t_hidden, t_weight,
                                                                 student_bias=bias, teacher_bias=t_bias, **common)
-    logits = _logits(student, batch)[:, :-1]
+    logits = _logits(student, batch)
     with torch.no_grad():
         teacher_logits = teacher(**view.inputs).logits
     loss = kd_weight * cross_tokenizer_kd_loss(logits, teacher_logits, **common)
