@@ -11,6 +11,10 @@ A cache is a directory:
   uint16, else int32) and their log-probabilities (bfloat16 or float16 bits), ``[positions, k]``
   each, in rank order (most probable first).
 
+A run's cache directory (``data.teacher_cache``) holds the train split's cache, and in ``val/``
+the held-out split's, against which the run scores its student (``kdcore cache-teacher`` writes
+both).
+
 Writing is resumable: each shard is written to a temporary file, synced and renamed, and only then
 recorded in the manifest (itself replaced atomically), so an interrupted run continues after the
 last recorded shard and the cache never holds a duplicate or a missing example. A cache costs
@@ -36,6 +40,7 @@ from kdcore.sparse import SparseTeacher
 FORMAT = "kdcore-teacher-cache"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+HELD_OUT = "val"  # the held-out split's cache, inside a run's cache directory
 VALUE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -223,7 +228,8 @@ class TeacherCache:
         self.path = Path(path)
         manifest = _read_manifest(self.path)
         if manifest is None:
-            raise CacheError(f"{self.path} holds no teacher cache ({MANIFEST} is missing)")
+            raise CacheError(f"{self.path} holds no teacher cache ({MANIFEST} is missing); write it with "
+                             "kdcore cache-teacher")
         self.spec = CacheSpec(**manifest["spec"])
         self.shards = manifest["shards"]
         self.checksum = manifest["checksum"]
@@ -277,6 +283,27 @@ class TeacherCache:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return (self[i] for i in range(len(self)))
+
+
+def held_out_path(path: str | Path) -> Path:
+    """Where the held-out split's cache of the run cache directory ``path`` lives."""
+    return Path(path) / HELD_OUT
+
+
+def held_out_cache(train: TeacherCache) -> TeacherCache | None:
+    """The held-out split's cache beside the train split's cache ``train``, or None when none was
+    written. A held-out cache of another teacher (model, tokenizer, temperature, vocabulary) is
+    refused: the student would be scored against a teacher it was not trained on."""
+    path = held_out_path(train.path)
+    if not (path / MANIFEST).exists():
+        return None
+    held_out = TeacherCache(path)
+    keys = ("model_id", "tokenizer", "temperature", "vocab_size", "sequence")
+    differs = [key for key in keys if getattr(held_out.spec, key) != getattr(train.spec, key)]
+    if differs:
+        raise CacheError(f"{path} was written from another teacher than {train.path} (different {', '.join(differs)}); "
+                         f"delete {path} and run kdcore cache-teacher again with --split val")
+    return held_out
 
 
 class CachedTeacherDataset(Dataset):

@@ -14,6 +14,7 @@ imports what it needs when it runs.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import importlib.util
 import json
@@ -59,8 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="score a trained student on the held-out split",
                                    description="Evaluate the final student of a config's run (output_dir/student.pt, "
-                                               "or --checkpoint) on the held-out split against the run's teachers; "
-                                               "prints the metrics as JSON.")
+                                               "or --checkpoint) on the held-out split against the run's teachers "
+                                               "(or the held-out split's teacher-logit cache); prints the metrics "
+                                               "as JSON.")
     evaluate.add_argument("config", help="the run's YAML config")
     evaluate.add_argument("--checkpoint", help="a student state-dict file (default: OUTPUT_DIR/student.pt)")
     _add_overrides(evaluate)
@@ -82,18 +84,22 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(run=report_command)
 
     cache = commands.add_parser("cache-teacher", help="cache a config's teacher as top-k log-probabilities",
-                                description="Run one of the config's teachers over a split of its dataset, in "
-                                            "order, and write each position's top-k log-probabilities to a sharded "
-                                            "cache (manifest + checksums) that kdcore.cache reads back aligned with "
-                                            "the student's batches. Running the same command again resumes an "
+                                description="Run one of the config's teachers over the splits of its dataset, "
+                                            "in order, and write each position's top-k log-probabilities to sharded "
+                                            "caches (manifest + checksums) that kdcore.cache reads back aligned with "
+                                            "the student's batches: the train split's in the output directory, the "
+                                            "held-out split's in its val/ subdirectory, where a run whose "
+                                            "data.teacher_cache names that directory trains from the first and is "
+                                            "scored against the second. Running the same command again resumes an "
                                             "interrupted cache.")
     cache.add_argument("config", help="the run's YAML config (its teachers and data sections are used)")
-    cache.add_argument("--output", required=True, help="the cache directory")
+    cache.add_argument("--output", help="the cache directory (default: the config's data.teacher_cache)")
     cache.add_argument("--k", type=int, default=128, help="entries kept per position (default 128)")
     cache.add_argument("--temperature", type=float, default=1.0, help="the teacher's softmax temperature (default 1)")
     cache.add_argument("--value-dtype", default="bfloat16",
                        help="how log-probabilities are stored: bfloat16 (default) or float16")
-    cache.add_argument("--split", choices=("train", "val"), default="train", help="the split to cache (default train)")
+    cache.add_argument("--split", choices=("all", "train", "val"), default="all",
+                       help="the splits to cache: all (default), train (into OUTPUT) or val (into OUTPUT/val)")
     cache.add_argument("--teacher", type=int, default=0, help="which of the config's teachers (default 0)")
     cache.add_argument("--tokenizer", help="the tokenizer's name, recorded in the manifest")
     cache.add_argument("--batch-size", type=int, default=32, help="examples per teacher forward pass (default 32)")
@@ -183,32 +189,39 @@ def cache_teacher_command(args: argparse.Namespace) -> int:
     if args.value_dtype not in cache.VALUE_DTYPES:
         raise _UsageError(f"--value-dtype must be one of {sorted(cache.VALUE_DTYPES)}, got {args.value_dtype!r}")
     config = parse_config(args.config, args.overrides)
+    output = args.output or config.data.teacher_cache
+    if output is None:
+        raise _UsageError("--output: give the cache directory, or set data.teacher_cache in the config")
     if not 0 <= args.teacher < len(config.teachers):
         raise _UsageError(f"--teacher {args.teacher}: the config has {len(config.teachers)} teacher(s)")
     spec = config.teachers[args.teacher]
     key = f"teachers.{args.teacher}"
     model = build_model(spec, key).to(args.device).eval()
-    # the split as the dataset gives it: a data.teacher_cache in the config is what this writes
-    dataset = build_splits(config.data.model_copy(update={"teacher_cache": None}),
-                           build_tokenizers(config.student, config.teachers))[0 if args.split == "train" else 1]
-    if isinstance(dataset[0], dict) and "teacher_view" in dataset[0]:
+    # the splits as the dataset gives them: a data.teacher_cache in the config is what this writes
+    train, val = build_splits(config.data.model_copy(update={"teacher_cache": None}),
+                              build_tokenizers(config.student, config.teachers))
+    if isinstance(train[0], dict) and "teacher_view" in train[0]:
         raise _UsageError(f"data.dataset {config.data.dataset!r} gives the teachers their own tokenization; a cache "
                           "holds teacher distributions over the student's tokens, so it cannot be written for a "
                           "teacher with another tokenizer (distil with method cross_tokenizer_kd instead)")
     model_id = json.dumps({"model": spec.model, "options": spec.options, "checkpoint": spec.checkpoint,
                            "checkpoint_sha256": cache.file_sha256(spec.checkpoint) if spec.checkpoint else None},
                           sort_keys=True)
+    targets = {"train": (train, Path(output)), "val": (val, cache.held_out_path(output))}
 
-    def report(done: int, total: int) -> None:
-        print(f"cached {done}/{total} examples", file=sys.stderr)
+    def report(done: int, total: int, *, split: str) -> None:
+        print(f"cached {done}/{total} {split} examples", file=sys.stderr)
 
-    path = cache.write_teacher_cache(lambda inputs: call_model(model, inputs), dataset, args.output, k=args.k,
-                                     model_id=model_id, temperature=args.temperature, value_dtype=args.value_dtype,
-                                     tokenizer=args.tokenizer, batch_size=args.batch_size,
-                                     examples_per_shard=args.examples_per_shard, device=args.device, progress=report)
-    done = cache.TeacherCache(path)
-    print(json.dumps({"path": str(path), "examples": len(done), "k": done.spec.k,
-                      "bytes_per_position": round(done.bytes_per_position, 2), "checksum": done.checksum}))
+    for split in ("train", "val") if args.split == "all" else (args.split,):
+        dataset, path = targets[split]
+        cache.write_teacher_cache(lambda inputs: call_model(model, inputs), dataset, path, k=args.k,
+                                  model_id=model_id, temperature=args.temperature, value_dtype=args.value_dtype,
+                                  tokenizer=args.tokenizer, batch_size=args.batch_size,
+                                  examples_per_shard=args.examples_per_shard, device=args.device,
+                                  progress=functools.partial(report, split=split))
+        done = cache.TeacherCache(path)
+        print(json.dumps({"split": split, "path": str(path), "examples": len(done), "k": done.spec.k,
+                          "bytes_per_position": round(done.bytes_per_position, 2), "checksum": done.checksum}))
     return 0
 
 

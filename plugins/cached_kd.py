@@ -1,13 +1,20 @@
 """The ``cached_kd`` method: distillation from a teacher-logit cache, with no teacher model.
 
-The teacher ran once over the training split (``kdcore cache-teacher CONFIG --output DIR``) and
-its top-k log-probabilities per position were kept on disk (:mod:`kdcore.cache`); the run config
-names that cache as ``data.teacher_cache``, and every training batch arrives with its examples'
-cached teacher as a :class:`kdcore.SparseTeacher`. The student matches it with
-:func:`kdcore.kd_loss`'s sparse path (``sparse_mode``: ``"tail"`` keeps the mass outside the top-k
-as one bucket, ``"renorm"`` renormalizes the top-k), plus cross-entropy when ``ce_weight`` > 0, as
-one term ``kd`` (``kd_weight · T² · D + ce_weight · CE``, averaged over labelled tokens). The
-teachers listed in the run config (the one the cache was written from) are not built.
+The teacher ran once over the dataset (``kdcore cache-teacher CONFIG``, which writes to the
+config's ``data.teacher_cache`` unless given ``--output``) and its top-k log-probabilities per
+position were kept on disk (:mod:`kdcore.cache`): the train split's in that directory, the held-out
+split's in its ``val/``. Every training batch arrives with its examples' cached teacher as a
+:class:`kdcore.SparseTeacher`. The student matches it with :func:`kdcore.kd_loss`'s sparse path
+(``sparse_mode``: ``"tail"`` keeps the mass outside the top-k as one bucket, ``"renorm"``
+renormalizes the top-k), plus cross-entropy when ``ce_weight`` > 0, as one term ``kd``
+(``kd_weight · T² · D + ce_weight · CE``, averaged over labelled tokens). The teachers listed in
+the run config (the one the cache was written from) are not built.
+
+Evaluation scores the student against the held-out split's cached teacher, as other methods score
+it against a live one (:mod:`kdcore.engine.metrics`): ``teacher_agreement`` counts the tokens where
+the student's argmax is the teacher's top-1 entry, ``kl_to_teacher`` is the KL over the top-k
+entries and one bucket for the rest of the vocabulary (a lower bound on the full KL, equal to it
+when k is the vocabulary size). Without a held-out cache these two are not reported.
 
 The loss temperature is the cache's (its log-probabilities were taken at it); ``temperature``, if
 given, must equal it. The teacher is sparse, so ``loss`` names one of kd_loss's divergences (as
@@ -52,8 +59,8 @@ class CachedKD(kdcore.Method):
 
     def plan(self, config):
         if config.data.teacher_cache is None:
-            raise ValueError("cached_kd trains from a teacher-logit cache: set data.teacher_cache to the directory "
-                             "`kdcore cache-teacher` wrote")
+            raise ValueError("cached_kd trains from a teacher-logit cache: set data.teacher_cache to a directory "
+                             "and write the cache there with `kdcore cache-teacher CONFIG`")
         try:
             temperature = TeacherCache(config.data.teacher_cache).spec.temperature
         except (CacheError, OSError) as exc:

@@ -117,6 +117,43 @@ def test_meter_for_language_modeling_skips_ignored_tokens():
     assert "accuracy" not in got
 
 
+def test_meter_against_a_top_k_teacher():
+    """A SparseTeacher (a cache's top-k): agreement is with the teacher's top-1 entry, which is its
+    argmax for any k; the KL is over the k entries and one tail bucket on each side, at the
+    temperature of the log-probabilities, below the full KL and equal to it when k = V."""
+    from kdcore import SparseTeacher
+
+    torch.manual_seed(2)
+    logits, teacher = torch.randn(2, 6, 11) * 2, torch.randn(2, 6, 11) * 2
+    labels = torch.randint(11, (2, 6))
+    labels[1, 4:] = -100
+    keep = labels != -100
+    dense = Meter(task="language_modeling")
+    dense.update(logits, labels, teacher)
+    full = dense.compute()
+    for k, temperature in ((11, 1.0), (4, 1.0), (1, 1.0), (4, 2.0)):
+        logprobs, indices = torch.log_softmax(teacher / temperature, -1).topk(k, dim=-1)
+        order = torch.randperm(k)  # the top-1 entry need not come first
+        meter = Meter(task="language_modeling")
+        meter.update(logits, labels, SparseTeacher(indices[..., order], logprobs[..., order]),
+                     teacher_temperature=temperature)
+        got = meter.compute()
+        assert got["teacher_agreement"] == full["teacher_agreement"]
+        p = logprobs[keep].double().exp()
+        q = torch.log_softmax(logits[keep].double() / temperature, -1).exp()
+        q_top = q.gather(1, indices[keep])
+        p_tail, q_tail = (1 - p.sum(1)).clamp_min(0), 1 - q_top.sum(1)
+        tail = p_tail * (p_tail / q_tail).log() if k < 11 else 0  # with k = V there is no tail bucket
+        expected = ((p * (p / q_top).log()).sum(1) + tail).mean().item()
+        assert got["kl_to_teacher"] == pytest.approx(expected, rel=1e-4, abs=1e-6), (k, temperature)
+        if temperature == 1.0:
+            assert got["kl_to_teacher"] <= full["kl_to_teacher"] * (1 + 1e-5)
+        if k == 11:
+            assert got["kl_to_teacher"] == pytest.approx(full["kl_to_teacher"], rel=1e-4)
+        assert {key: got[key] for key in ("token_accuracy", "perplexity", "ece")} == \
+            {key: full[key] for key in ("token_accuracy", "perplexity", "ece")}
+
+
 def test_meter_without_labels_or_teacher():
     meter = Meter()
     meter.update(torch.randn(4, 3), None, torch.randn(4, 3))

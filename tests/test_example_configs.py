@@ -39,6 +39,51 @@ def test_shakespeare_teacher_then_logit_distillation(tmp_path):
     assert {"token_accuracy", "perplexity", "teacher_agreement", "kl_to_teacher", "teacher_perplexity"} <= set(metrics)
 
 
+def readme_commands(config: str) -> list[list[str]]:
+    """The ``kdcore`` commands of the README's shell blocks that name ``config``, as argument lists
+    (comments dropped)."""
+    import re
+    import shlex
+
+    blocks = re.findall(r"```bash\n(.*?)```", (CONFIGS.parents[1] / "README.md").read_text(), re.S)
+    lines = [line.split("#")[0].strip() for block in blocks for line in block.splitlines()]
+    return [shlex.split(line)[1:] for line in lines if line.startswith("kdcore ") and config in line]
+
+
+def test_shakespeare_cached_distillation_runs_as_the_readme_says(tmp_path, monkeypatch, capsys):
+    """After the teacher config has trained, the README's two commands (cache the teacher, distil
+    from the cache) run from the repository root as written (here shortened by overrides), into
+    directories of their own, and the student is scored against the cached teacher."""
+    pytest.importorskip("transformers")
+    import json
+
+    import yaml
+
+    from kdcore import cli
+
+    commands = readme_commands("examples/configs/shakespeare_cached_kd.yaml")
+    assert [command[0] for command in commands] == ["cache-teacher", "distill"]
+    small = ["--set", "training.epochs=1", "--set", "data.options.max_bytes=4000", "--set", "data.options.seq_len=32",
+             "--set", "scheduler.warmup_steps=0"]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "examples").symlink_to(CONFIGS.parent)
+    assert cli.main(["distill", "examples/configs/shakespeare_teacher.yaml", *small]) == 0
+    for command in commands:
+        assert cli.main([*command, *small]) == 0, command
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"token_accuracy", "perplexity", "teacher_agreement", "kl_to_teacher"} <= set(metrics)
+    assert metrics["kl_to_teacher"] > 0 and 0 <= metrics["teacher_agreement"] <= 1
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["shakespeare-cache", "shakespeare-cached-kd",
+                                                                     "shakespeare-teacher"]
+    assert (tmp_path / "runs" / "shakespeare-cache" / "val" / "manifest.json").exists()
+    # the same student, data and budget as shakespeare_kd.yaml's, so that the two compare
+    cached, live = (yaml.safe_load((CONFIGS / name).read_text()) for name in ("shakespeare_cached_kd.yaml",
+                                                                               "shakespeare_kd.yaml"))
+    assert cached["data"].pop("teacher_cache") == "runs/shakespeare-cache"
+    for key in ("student", "teachers", "data", "optimizer", "scheduler", "training", "eval"):
+        assert cached[key] == live[key], key
+
+
 @pytest.mark.slow
 def test_cross_tokenizer_teacher_then_student_and_its_experiment(tmp_path):
     """xtok_teacher.yaml, xtok_kd.yaml and examples/cross_tokenizer_experiment.py, on 20,000

@@ -150,9 +150,12 @@ def test_fused_logit_distillation_trains_like_the_materialized_one(tmp_path, lm_
         assert fused[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-5), key
 
 
-def test_training_from_a_teacher_cache_matches_the_teacher(tmp_path, lm_teacher, monkeypatch):
+def test_training_from_a_teacher_cache_matches_the_teacher(tmp_path, lm_teacher, capsys):
     """With k = V the cache keeps the whole distribution (in float16): cached_kd trains as
-    llm_kd with the teacher running, to float16 precision."""
+    llm_kd with the teacher running, to float16 precision, and is scored against the held-out
+    split's cache as the live teacher scores it."""
+    import shutil
+
     import yaml
 
     config = text_config(tmp_path / "live", method={"name": "llm_kd"}, teachers=[lm_teacher], max_bytes=1600)
@@ -160,13 +163,29 @@ def test_training_from_a_teacher_cache_matches_the_teacher(tmp_path, lm_teacher,
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump({**config, "data": {**config["data"], "teacher_cache": str(tmp_path / "cache")},
                                     "method": {"name": "cached_kd"}, "output_dir": str(tmp_path / "cached")}))
-    assert cli.main(["cache-teacher", str(path), "--output", str(tmp_path / "cache"), "--k", "256",
-                     "--value-dtype", "float16"]) == 0
+    # into data.teacher_cache: the train split's cache, and the held-out split's in val/
+    assert cli.main(["cache-teacher", str(path), "--k", "256", "--value-dtype", "float16"]) == 0
+    assert (tmp_path / "cache" / "val" / "manifest.json").exists()
     cached = kdcore.Distiller(path).fit()
     for key in ("perplexity", "token_accuracy", "nll"):
         assert cached[key] == pytest.approx(live[key], rel=2e-3), key
+    # the same student against the live teacher
+    against_live = kdcore.Distiller(config).evaluate(tmp_path / "cached" / "student.pt")
+    assert cached["teacher_agreement"] == pytest.approx(against_live["teacher_agreement"], abs=2e-3)
+    assert cached["kl_to_teacher"] == pytest.approx(against_live["kl_to_teacher"], rel=1e-2)
     with pytest.raises(ValueError, match="temperature 2.0 differs from the cache's 1.0"):
         kdcore.Distiller(path, overrides=["method.temperature=2.0"])
+    # a held-out cache of another temperature is refused; without one there is nothing to compare with
+    shutil.rmtree(tmp_path / "cache" / "val")
+    assert cli.main(["cache-teacher", str(path), "--k", "256", "--split", "val", "--temperature", "2.0"]) == 0
+    with pytest.raises(kdcore.ConfigError, match=r"data.teacher_cache: .*val was written from another teacher .*"
+                                                 r"\(different temperature\)"):
+        kdcore.Distiller(path).evaluate()
+    shutil.rmtree(tmp_path / "cache" / "val")
+    capsys.readouterr()
+    assert "teacher_agreement" not in kdcore.Distiller(path, overrides=[f"output_dir={tmp_path / 'no-val'}"]).fit()
+    assert "holds no cache of the held-out split, so the student is not scored against the cached teacher" \
+        in capsys.readouterr().out
 
 
 def test_methods_name_what_they_lack(tmp_path):

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from kdcore import plugins
-from kdcore.cache import CacheError, CachedTeacherDataset
+from kdcore.cache import CacheError, CachedTeacherDataset, held_out_cache
 from kdcore.engine.config import ConfigError, DataSpec, ModelSpec, resolve
 
 
@@ -75,9 +75,11 @@ def build_tokenizers(student: ModelSpec, teachers: Sequence[ModelSpec]) -> dict[
 
 
 def build_splits(spec: DataSpec, tokenizers: Mapping[str, Any] | None = None) -> tuple[Dataset, Dataset]:
-    """The ``train`` and ``val`` splits of the configured dataset; the train split carries its
-    cached teacher when the config names a ``teacher_cache``. A dataset factory that takes a
-    ``tokenizers`` argument receives ``tokenizers`` (by model role, see :func:`build_tokenizers`)."""
+    """The ``train`` and ``val`` splits of the configured dataset. When the config names a
+    ``teacher_cache``, the train split carries its cached teacher, and so does the val split when
+    the cache directory holds one for it (:func:`kdcore.cache.held_out_cache`). A dataset factory
+    that takes a ``tokenizers`` argument receives ``tokenizers`` (by model role, see
+    :func:`build_tokenizers`)."""
     factory = resolve(spec.dataset, plugins.host().datasets, "data.dataset")
     options = dict(spec.options)
     if "tokenizers" in options:
@@ -98,10 +100,13 @@ def build_splits(spec: DataSpec, tokenizers: Mapping[str, Any] | None = None) ->
     for split in ("train", "val"):
         if len(splits[split]) == 0:
             raise ConfigError(f"data.dataset: the {split!r} split of {spec.dataset!r} is empty")
-    train = splits["train"]
+    train, val = splits["train"], splits["val"]
     if spec.teacher_cache is not None:
         try:
             train = CachedTeacherDataset(train, spec.teacher_cache)
+            held_out = held_out_cache(train.cache)
+            if held_out is not None:
+                val = CachedTeacherDataset(val, held_out)
         except (CacheError, OSError) as exc:
             raise ConfigError(f"data.teacher_cache: {exc}") from None
-    return train, splits["val"]
+    return train, val

@@ -69,10 +69,11 @@ class DataSpec(_Section):
     optimizer step, whatever the number of processes and accumulation steps, so the same config
     trains the same way on one process or many. An epoch is ``len(train) // batch_size`` steps.
     ``ignore_index`` is the label of positions to skip (prompt and padding tokens): the loss is
-    normalized over, and the metrics count, only the other positions. ``teacher_cache`` is a
-    teacher-logit cache written over the train split (``kdcore cache-teacher``): each training
-    batch then carries its examples' cached top-k teacher (``batch.teacher``), for methods that
-    train without running a teacher (``cached_kd``)."""
+    normalized over, and the metrics count, only the other positions. ``teacher_cache`` is the
+    directory ``kdcore cache-teacher`` writes: a teacher-logit cache of the train split, each
+    training batch then carrying its examples' cached top-k teacher (``batch.teacher``), for
+    methods that train without running a teacher (``cached_kd``); and in ``val/`` the held-out
+    split's, which evaluation scores the student against when no teacher model does."""
 
     dataset: str
     options: dict[str, Any] = Field(default_factory=dict)

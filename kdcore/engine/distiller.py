@@ -35,6 +35,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from kdcore import plugins
+from kdcore.cache import CachedTeacherDataset, held_out_path
 from kdcore.engine import checkpoint, distributed, preflight, rundir
 from kdcore.engine.builders import build_model, build_splits, build_tokenizers, resolve
 from kdcore.engine.config import ConfigError, ModelSpec, RunConfig, check_names, parse_config
@@ -45,6 +46,7 @@ from kdcore.engine.metrics import Meter
 from kdcore.engine.optim import build_optimizer, build_scheduler
 from kdcore.engine.rundir import RunDirectory, RunDirectoryError, read_checkpoint
 from kdcore.engine.runlog import RunLog, format_metrics
+from kdcore.sparse import SparseTeacher
 
 CHECKPOINT_VERSION = 1
 # config keys a resumed run may change: where the run lives, and what observes it
@@ -129,12 +131,20 @@ class Distiller:
     def _fit(self, procs: distributed.Processes, directory: RunDirectory, resume: bool) -> dict[str, float]:
         config = self.config
         saved, takeover = self._open(procs, directory, resume)
+        # the run's wall-clock time, counting what earlier attempts spent up to their last checkpoint
+        # (a checkpoint written before kdcore recorded it counts as none)
+        self._seconds = 0.0 if saved is None else saved.get("seconds", 0.0)
+        self._started = time.perf_counter() - self._seconds
         checkpoint.seed_everything(config.seed)
         train, val = build_splits(config.data, build_tokenizers(config.student, config.teachers))
         _check_batching(config, procs, len(train))
         log = RunLog(directory.log_path, enabled=procs.is_main, console=self.console, guard=directory.check_held)
         if takeover:
             log.say(takeover)
+        if isinstance(train, CachedTeacherDataset) and not isinstance(val, CachedTeacherDataset):
+            log.say(f"data.teacher_cache: {held_out_path(config.data.teacher_cache)} holds no cache of the held-out "
+                    "split, so the student is not scored against the cached teacher (kdcore cache-teacher --split "
+                    "val writes it)")
         first_stage, stage_state = 0, None
         if saved is None and resume:
             log.truncate(0)  # the events of an attempt that stopped before its first checkpoint
@@ -157,7 +167,8 @@ class Distiller:
                 _Stage(self, procs, log, index, train, val).execute(stage_state, rng)
                 stage_state = None
             host.call("kdcore_run_end", run=self, metrics=dict(self.metrics))
-        log.event("run_end", metrics=self.metrics)
+        log.event("run_end", metrics=self.metrics, seconds=round(self._seconds, 1))
+        log.say(f"{self.output_dir}: trained in {_duration(self._seconds)}")
         return dict(self.metrics)
 
     def _open(self, procs: distributed.Processes, directory: RunDirectory,
@@ -206,12 +217,13 @@ class Distiller:
         """Writes ``checkpoint.pt``, keeping the one it replaces as ``checkpoint.previous.pt``
         (every process takes part: RNG states are gathered)."""
         rng = procs.gather(checkpoint.rng_state())
+        self._seconds = time.perf_counter() - self._started
         if procs.is_main:
             directory = self._directory or RunDirectory(self.output_dir)
             directory.save_checkpoint({
                 "version": CHECKPOINT_VERSION, "config": self.config.model_dump(mode="json"), "stage": stage,
                 "stage_state": stage_state, "rng": rng, "log_offset": log.offset(), "metrics": self.metrics,
-                "teacher_metrics": self._teacher_metrics,
+                "teacher_metrics": self._teacher_metrics, "seconds": self._seconds,
             })
             if procs.sharded:
                 directory.prune_shards()
@@ -221,7 +233,8 @@ class Distiller:
 
     def evaluate(self, student_checkpoint: str | Path | None = None) -> dict[str, float]:
         """Scores the final stage's student (from ``student_checkpoint``, default
-        ``output_dir/student.pt``) on the held-out split, against the run's teachers."""
+        ``output_dir/student.pt``) on the held-out split, against the run's teachers (or the
+        held-out split's cached teacher, see :func:`evaluate_student`)."""
         procs = distributed.start(self.config.device)
         try:
             index = len(self.stages) - 1
@@ -553,28 +566,36 @@ class _Stage:
 
 
 def evaluate_student(run: Distiller, ctx: StageContext, procs: distributed.Processes, val) -> dict[str, float]:
-    """The student's metrics on ``val``, against what the method compares it with."""
-    def pick(outputs: Outputs) -> tuple[torch.Tensor, torch.Tensor | None]:
-        with _method_code(run.config, "teacher_logits"):
-            return outputs.student, run.method.teacher_logits(outputs)
+    """The student's metrics on ``val``, against what the method compares it with: the teacher
+    prediction it names (:meth:`Method.teacher_logits`), else the held-out split's cached top-k
+    teacher when the run's cache directory has one (a run without a teacher model, ``cached_kd``)."""
+    temperature = val.cache.spec.temperature if isinstance(val, CachedTeacherDataset) else 1.0
 
-    return _metrics(run, ctx, procs, val, pick, "student")
+    def pick(batch: Batch, outputs: Outputs) -> tuple[torch.Tensor, torch.Tensor | SparseTeacher | None]:
+        with _method_code(run.config, "teacher_logits"):
+            reference = run.method.teacher_logits(outputs)
+        return outputs.student, batch.teacher if reference is None else reference
+
+    return _metrics(run, ctx, procs, val, pick, "student", teacher_temperature=temperature)
 
 
 def evaluate_teacher(run: Distiller, ctx: StageContext, procs: distributed.Processes, val, index: int) -> dict[str, float]:
     """Teacher ``index``'s own metrics on ``val`` (on its own tokenization of the text, when it has one)."""
-    return _metrics(run, ctx, procs, val, lambda outputs: (outputs.teachers[index], None), f"teacher{index}")
+    return _metrics(run, ctx, procs, val, lambda batch, outputs: (outputs.teachers[index], None), f"teacher{index}")
 
 
-def _metrics(run: Distiller, ctx: StageContext, procs: distributed.Processes, val, pick, role: str) -> dict[str, float]:
-    """Metrics of the prediction ``pick(outputs)`` gives as ``(logits, reference logits or None)``
-    against the labels model ``role`` reads, summed over every process's shard."""
+def _metrics(run: Distiller, ctx: StageContext, procs: distributed.Processes, val, pick, role: str,
+             teacher_temperature: float = 1.0) -> dict[str, float]:
+    """Metrics of the prediction ``pick(batch, outputs)`` gives as ``(logits, reference teacher or
+    None)`` against the labels model ``role`` reads, summed over every process's shard; a sparse
+    reference's log-probabilities were taken at ``teacher_temperature``."""
     meter = _meter(run.config)
 
     def score(batch: Batch, outputs: Outputs) -> None:
-        prediction, reference = pick(outputs)
+        prediction, reference = pick(batch, outputs)
         view = batch.seen_by(role)
-        meter.update(prediction, view.labels, reference, label_bytes=view.label_bytes)
+        meter.update(prediction, view.labels, reference, label_bytes=view.label_bytes,
+                     teacher_temperature=teacher_temperature)
 
     _sweep(run, ctx, procs, val, score)
     meter.sums = procs.sum(meter.sums)
@@ -765,6 +786,12 @@ def _teacher_prefix(index: int, count: int) -> str:
 
 def _prefixed(metrics: Mapping[str, float], prefix: str) -> dict[str, float]:
     return {prefix + key: value for key, value in metrics.items()}
+
+
+def _duration(seconds: float) -> str:
+    """``seconds`` as minutes and seconds, e.g. ``4 min 57 s``."""
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest:02d} s" if minutes else f"{rest} s"
 
 
 def _slug(name: str) -> str:

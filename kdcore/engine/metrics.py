@@ -13,6 +13,15 @@ Per scored row (an example, or a token whose label is not ``ignore_index``):
 
 The teacher's own accuracy, nll and ece come from the same class with the teacher's logits as the
 prediction.
+
+A teacher known only by its top-k entries (a :class:`kdcore.SparseTeacher`, as a teacher-logit
+cache holds it) is measured on what those entries determine: ``teacher_agreement`` compares the
+student's argmax with the teacher's top-1 entry (its argmax, whatever k is), and ``kl_to_teacher``
+is the KL over k + 1 buckets, the teacher's k entries and one bucket for the rest of the
+vocabulary on each side (the teacher's tail is 1 − Σ of its k probabilities, the student's is
+computed exactly), at the temperature the log-probabilities were taken at. Merging the tail into
+one bucket can only lower a KL, so this is a lower bound on the full KL, equal to it when k is the
+vocabulary size; it is the divergence ``kd_loss(..., sparse_mode="tail")`` trains on.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from kdcore.functional import kd_loss
+from kdcore.sparse import SparseTeacher
 
 # positions in the packed sums; the calibration bins follow
 _ROWS, _CORRECT, _NLL, _PAIRED, _AGREE, _KL, _BYTES = range(7)
@@ -36,10 +46,13 @@ class Meter:
         self.task, self.ignore_index, self.bins = task, ignore_index, bins
         self.sums = torch.zeros(_BINS + 2 * bins, dtype=torch.float64)  # + per bin: confidence, correct
 
-    def update(self, logits: torch.Tensor, labels: torch.Tensor | None, teacher_logits: torch.Tensor | None = None,
-               label_bytes: torch.Tensor | None = None) -> None:
-        """Adds a batch: ``logits [..., V]``, ``labels [...]`` (or None), ``teacher_logits [..., V]``,
-        ``label_bytes [...]`` (the bytes of text each label adds, or None)."""
+    def update(self, logits: torch.Tensor, labels: torch.Tensor | None,
+               teacher_logits: torch.Tensor | SparseTeacher | None = None, label_bytes: torch.Tensor | None = None,
+               teacher_temperature: float = 1.0) -> None:
+        """Adds a batch: ``logits [..., V]``, ``labels [...]`` (or None), the teacher (logits
+        ``[..., V]``, or a SparseTeacher ``[..., k]`` whose log-probabilities were taken at
+        ``teacher_temperature``; or None), ``label_bytes [...]`` (the bytes of text each label
+        adds, or None)."""
         rows = logits.detach().reshape(-1, logits.shape[-1]).float()
         keep = torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device)
         sums = torch.zeros_like(self.sums, device=rows.device)
@@ -61,7 +74,17 @@ class Meter:
             sums[_BINS + self.bins:] = torch.bincount(bin_index, correct, minlength=self.bins)
             if label_bytes is not None:
                 sums[_BYTES] = label_bytes.reshape(-1).to(rows.device)[keep].double().sum()
-        if teacher_logits is not None:
+        if isinstance(teacher_logits, SparseTeacher):
+            k = teacher_logits.indices.shape[-1]
+            indices = teacher_logits.indices.reshape(-1, k).to(rows.device)[keep]
+            logprobs = teacher_logits.logprobs.reshape(-1, k).to(rows.device)[keep]
+            top = indices.gather(1, logprobs.argmax(-1, keepdim=True)).squeeze(1)
+            sums[_PAIRED] = rows.shape[0]
+            sums[_AGREE] = (rows.argmax(-1) == top).sum()
+            if rows.shape[0]:
+                sums[_KL] = kd_loss(rows, SparseTeacher(indices, logprobs), sparse_mode="tail",
+                                    temperature=teacher_temperature, t2_scale=False, reduction="sum").double()
+        elif teacher_logits is not None:
             teacher = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1]).float()[keep]
             sums[_PAIRED] = rows.shape[0]
             sums[_AGREE] = (rows.argmax(-1) == teacher.argmax(-1)).sum()

@@ -2,10 +2,12 @@
 only).
 
 Every line of ``metrics.jsonl`` is one event: ``{"event": "step" | "eval" | "teacher_eval" |
-"stage_end" | "run_end", "stage": ..., ...}``. Checkpoints remember the file's length, and a
-resumed run cuts the file back to it, so the log of a resumed run is the log of an uninterrupted
-one. The progress bar (tqdm) shows the loss, throughput and ETA, and stays off when stderr is not
-a terminal.
+"stage_end" | "run_end", "stage": ..., ...}``. ``run_end`` holds the final metrics and
+``seconds``, the run's wall-clock time (a resumed run adds what its earlier attempts spent up to
+their last checkpoint), which the run also prints as its last line. Checkpoints remember the
+file's length, and a resumed run cuts the file back to it, so the log of a resumed run is the log
+of an uninterrupted one, but for the times (``examples_per_s``, ``seconds``). The progress bar
+(tqdm) shows the loss, throughput and ETA, and stays off when stderr is not a terminal.
 """
 
 from __future__ import annotations
