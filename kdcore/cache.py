@@ -328,11 +328,12 @@ class CachedTeacherDataset(Dataset):
     def collate(self, items: list) -> tuple[Any, SparseTeacher]:
         """Collates the examples and stacks their teachers into one SparseTeacher ``[B, P, k]``
         (``[B, k]`` for a teacher without positions); sequences of different lengths are padded
-        with slots of log-probability -inf (mark those positions ignored in the student's labels)."""
+        with positions that have no entries (every slot's log-probability -inf, its index 0; see
+        :class:`kdcore.SparseTeacher`): mark those positions ignored in the student's labels."""
         examples = default_collate([item[0] for item in items])
         longest = max(item[1].shape[0] for item in items)
         k = self.cache.spec.k
-        indices = torch.arange(k).expand(len(items), longest, k).clone()
+        indices = torch.zeros((len(items), longest, k), dtype=torch.int64)
         logprobs = torch.full((len(items), longest, k), -torch.inf, dtype=VALUE_DTYPES[self.cache.spec.value_dtype])
         for row, (_, top, values) in enumerate(items):
             indices[row, : top.shape[0]] = top

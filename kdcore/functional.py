@@ -196,9 +196,11 @@ def kd_loss(
     applied when they were made); ``temperature`` applies to the student. ``sparse_mode="tail"``
     compares the k entries plus one bucket holding the rest of the vocabulary on both sides (the
     teacher's tail is ``1 - Σ exp(logprobs)``); ``"renorm"`` compares the k entries only, both
-    sides renormalized over them. Every divergence, reduction, label, mask and CE option applies;
-    ``inplace_grad`` does not, and the teacher gets no gradient. With ``vocab_size`` the student's
-    extra columns are dropped and every index must lie below it.
+    sides renormalized over them. Slots whose log-probability is ``-inf`` are unused: dropped on
+    both sides whatever their index (see :class:`kdcore.SparseTeacher`). Every divergence,
+    reduction, label, mask and CE option applies; ``inplace_grad`` does not, and the teacher gets no
+    gradient. With ``vocab_size`` the student's extra columns are dropped and every entry's index
+    must lie below it.
 
     ``inplace_grad=True`` writes the student gradient over ``student_logits`` during this call,
     **destroying the logits**, and backward hands that buffer out as their gradient: no ``[N, V]``

@@ -13,12 +13,20 @@ INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint16, torch.uint8
 
 @dataclass(frozen=True)
 class SparseTeacher:
-    """A teacher's top-k distribution per row: ``indices [..., k]`` (vocabulary ids, distinct within
-    a row; any integer dtype) and ``logprobs [..., k]`` (their log-probabilities at the teacher's
-    temperature, e.g. ``log_softmax(teacher_logits / T).topk(k)``; float32/bf16/fp16/float64;
-    ``-inf`` marks an unused slot). Pass it to :func:`kdcore.kd_loss` in place of teacher logits;
-    the leading dimensions match the student logits'. A teacher-logit cache
-    (:mod:`kdcore.cache`) yields these."""
+    """A teacher's top-k distribution per row: ``indices [..., k]`` (vocabulary ids; any integer
+    dtype) and ``logprobs [..., k]`` (their log-probabilities at the teacher's temperature, e.g.
+    ``log_softmax(teacher_logits / T).topk(k)``; float32/bf16/fp16/float64). Pass it to
+    :func:`kdcore.kd_loss` in place of teacher logits; the leading dimensions match the student
+    logits'. A teacher-logit cache (:mod:`kdcore.cache`) yields these.
+
+    A slot whose log-probability is ``-inf`` is unused (a row that kept fewer than k entries, a
+    padded position). It is dropped on both sides: the teacher has no entry there, and the
+    student's probability at its index belongs to the tail like that of any column outside the
+    row's entries. Its index is never read, so it may be any integer (a repeat of another slot's,
+    negative, beyond the vocabulary). The row's other slots are its *entries*: their indices must
+    lie in [0, V) and be distinct. A row without entries (every slot ``-inf``) is a teacher whose
+    whole mass is the tail: with ``sparse_mode="tail"`` its divergence and the divergence's
+    gradient are 0, and ``"renorm"`` raises for it unless the row is ignored."""
 
     indices: torch.Tensor
     logprobs: torch.Tensor

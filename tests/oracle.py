@@ -104,29 +104,42 @@ def sparse_oracle_loss(student, indices, logprobs, *, sparse_mode="tail", diverg
                        kd_weight=1.0, reduction="batchmean", normalizer=None, vocab_size=None,
                        compute_dtype=torch.float64):
     """The loss against a top-k teacher (docs/math.md, "Sparse teachers"), written from the bucket
-    definition: the k entries (+ the rest of the vocabulary as one bucket in tail mode) on both
-    sides, then the dense formulas of ``divergence_rows`` over the buckets."""
+    definition: a row's entries are its slots whose log-probability is not -inf (the index of any
+    other slot is never read); the entries (+ the rest of the vocabulary as one bucket in tail mode)
+    on both sides, then the dense formulas of ``divergence_rows`` over the buckets."""
     leading = student.shape[:-1]
     v = vocab_size or student.shape[-1]
     k = indices.shape[-1]
     s = student.to(compute_dtype).reshape(-1, student.shape[-1])[:, :v]
-    idx = indices.reshape(-1, k).long()
     lp = logprobs.to(compute_dtype).reshape(-1, k)
+    entry = lp > -torch.inf
+    idx = torch.where(entry, indices.reshape(-1, k).long(), torch.zeros((), dtype=torch.long))
     log_q = F.log_softmax(s / temperature, dim=-1)
-    log_q_k = log_q.gather(1, idx)
-    if sparse_mode == "tail" and k < v:  # with k = V there is no tail: both modes renormalize
-        member = torch.zeros_like(s, dtype=torch.bool).scatter(1, idx, True)
+    log_q_k = log_q.gather(1, idx).masked_fill(~entry, -torch.inf)
+    none = torch.full_like(lp[:, :1], -torch.inf)
+    whole_vocab = entry.sum(-1) == v  # entries that cover the vocabulary leave no tail: renormalize
+    renorm = whole_vocab | (sparse_mode == "renorm")
+    # renormalizing needs probability among the entries on both sides (kd_loss raises otherwise;
+    # NaN here); rows not renormalized get a dummy finite row, so no NaN reaches the gradient
+    # through the branch not taken
+    defined = ~renorm | (entry.any(-1) & (log_q_k > -torch.inf).any(-1))
+    use_r = (renorm & defined).unsqueeze(1)
+    q_r = torch.where(use_r, log_q_k, torch.zeros_like(log_q_k))
+    p_r = torch.where(use_r, lp, torch.zeros_like(lp))
+    log_q_b = torch.cat([q_r - q_r.logsumexp(-1, keepdim=True), none], dim=1)
+    log_p_b = torch.cat([p_r - p_r.logsumexp(-1, keepdim=True), none], dim=1)
+    if sparse_mode == "tail":
+        member = torch.zeros_like(s).scatter_add(1, idx, entry.to(s.dtype)) > 0
         has_tail = ~(member | (log_q == -torch.inf)).all(-1)
-        # rows without a tail get a dummy finite row, so no NaN reaches the gradient
         outside = torch.where(has_tail.unsqueeze(1), log_q.masked_fill(member, -torch.inf), torch.zeros_like(s))
         log_q_tail = torch.where(has_tail, outside.logsumexp(-1), torch.full_like(has_tail, -torch.inf, dtype=s.dtype))
         p_tail = (1 - lp.exp().sum(-1)).clamp_min(0)
-        log_q_b = torch.cat([log_q_k, log_q_tail.unsqueeze(1)], dim=1)
-        log_p_b = torch.cat([lp, _safe_log(p_tail).masked_fill(p_tail == 0, -torch.inf).unsqueeze(1)], dim=1)
-    else:
-        log_q_b = log_q_k - log_q_k.logsumexp(-1, keepdim=True)
-        log_p_b = lp - lp.logsumexp(-1, keepdim=True)
+        tail_q_b = torch.cat([log_q_k, log_q_tail.unsqueeze(1)], dim=1)
+        tail_p_b = torch.cat([lp, _safe_log(p_tail).masked_fill(p_tail == 0, -torch.inf).unsqueeze(1)], dim=1)
+        log_q_b = torch.where(renorm.unsqueeze(1), log_q_b, tail_q_b)
+        log_p_b = torch.where(renorm.unsqueeze(1), log_p_b, tail_p_b)
     rows = divergence_rows(divergence, log_q_b, log_p_b, 1.0, beta, alpha)
+    rows = torch.where(defined, rows, torch.full_like(rows, torch.nan))
     return _reduce(rows, s, labels, mask, ignore_index, ce_weight, kd_weight, temperature, t2_scale, reduction,
                    normalizer, leading)
 

@@ -192,6 +192,27 @@ def test_sparse_teacher_matches_materialized_logits(backend, case, mode):
         torch.testing.assert_close(ours.double(), theirs.double(), **tolerance)
 
 
+@pytest.mark.parametrize("mode", ["tail", "renorm"])
+@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
+def test_sparse_teacher_unused_slots_are_dropped(backend, mode):
+    """Slots of log-probability -inf (here with indices that repeat an entry or are out of range)
+    change nothing, chunk by chunk: the loss and gradients of the teacher without them."""
+    student, teacher = problem(dtype=torch.float64 if backend == "reference" else torch.float32)
+    sparse = sparse_teacher_for(teacher)
+    n = sparse.indices.shape[0]
+    junk = torch.stack([sparse.indices[:, 3], torch.full((n,), -1, device=TEST_DEVICE), sparse.indices[:, 0]], 1)
+    padded = kdcore.SparseTeacher(torch.cat([junk[:, :1], sparse.indices, junk[:, 1:]], 1),
+                                  torch.cat([torch.full((n, 1), -torch.inf, device=TEST_DEVICE), sparse.logprobs,
+                                             torch.full((n, 2), -torch.inf, device=TEST_DEVICE)], 1))
+    options = dict(sparse_mode=mode, chunk_size=8, backend=backend, divergence="reverse_kl", temperature=1.5,
+                   labels=labels_for(n, 50), ce_weight=0.3)
+    ours = kdcore.fused_linear_kd_loss(**student, teacher=padded, **options)
+    theirs = kdcore.fused_linear_kd_loss(**student, teacher=sparse, **options)
+    torch.testing.assert_close(ours, theirs)
+    for mine, reference in zip(grads(ours, student), grads(theirs, student)):
+        torch.testing.assert_close(mine, reference)
+
+
 def test_sparse_teacher_errors_name_the_row():
     student, teacher = problem()
     sparse = sparse_teacher_for(teacher)

@@ -28,6 +28,23 @@ def _randn(gen, *shape, scale=2.0):
     return torch.randn(*shape, generator=gen) * scale
 
 
+def with_unused_slots(indices, logprobs, extra: int, vocab: int, gen, out_of_range: bool = True):
+    """The teacher ``(indices, logprobs) [N, k]`` with ``extra`` more slots per row whose
+    log-probability is -inf (unused), every row's slots then shuffled. The unused slots hold random
+    indices: any in [0, vocab), repeats of the row's own entries, and (``out_of_range``) -1 or
+    2**40 in the first of them."""
+    n, k = indices.shape
+    junk = torch.randint(0, vocab, (n, extra), generator=gen)
+    repeats = indices.long().gather(1, torch.randint(0, k, (n, extra), generator=gen))
+    junk = torch.where(torch.rand(n, extra, generator=gen) < 0.5, repeats, junk)
+    if out_of_range:
+        junk[:, 0] = torch.where(torch.arange(n) % 2 == 0, -1, 2**40)
+    order = torch.rand(n, k + extra, generator=gen).argsort(1)
+    padded_indices = torch.cat([indices.long(), junk], 1).gather(1, order)
+    padded_logprobs = torch.cat([logprobs, torch.full((n, extra), -torch.inf, dtype=logprobs.dtype)], 1)
+    return padded_indices, padded_logprobs.gather(1, order)
+
+
 @dataclass(frozen=True)
 class SparseCase:
     name: str
@@ -74,11 +91,12 @@ def _all_ignored(gen):
 
 
 def _padded_slots(gen):
-    """Rows whose teacher kept fewer than k entries: the unused slots hold -inf."""
+    """Rows whose teacher kept fewer than k entries (10, 9, ..., 5): the unused slots hold -inf and
+    any index (repeats of the row's entries, out of range), in any position."""
     s, t = _randn(gen, 6, 200), _randn(gen, 6, 200)
     indices, logprobs = top_k(t, 10)
-    logprobs[:, 7:] = -torch.inf
-    return s, indices, logprobs, {}
+    logprobs[torch.arange(10) >= 10 - torch.arange(6).unsqueeze(1)] = -torch.inf
+    return s, *with_unused_slots(indices, logprobs, 3, 200, gen), {}
 
 
 def _student_masked_vocab(gen):
@@ -252,6 +270,13 @@ def test_vocab_size_drops_the_students_extra_columns(backend):
 ERRORS = [
     ("duplicate", lambda i, lp: (i.index_fill(1, torch.tensor([1]), 0).index_fill(1, torch.tensor([0]), 0), lp),
      "lists a vocabulary index twice"),
+    ("duplicate_beside_unused", lambda i, lp: (i.index_fill(1, torch.tensor([0, 1, 2]), 0),
+                                               lp.index_fill(1, torch.tensor([2]), -torch.inf)),
+     "lists a vocabulary index twice"),
+    ("out_of_range_beside_unused",
+     lambda i, lp: (i.index_fill(1, torch.tensor([0]), 50).index_fill(1, torch.tensor([3]), -9),
+                    lp.index_fill(1, torch.tensor([3]), -torch.inf)),
+     "has index 50, outside"),
     ("out_of_range", lambda i, lp: (i.index_fill(1, torch.tensor([0]), 50), lp), "outside the student's vocabulary"),
     ("logits_not_logprobs", lambda i, lp: (i, lp + 5.0), "not logits"),
 ]
@@ -277,15 +302,115 @@ def test_all_neg_inf_student_row_raises_unless_ignored(backend):
     assert loss.isfinite()
 
 
+def _unused_slots_problem(dtype):
+    """(student [6, 97] in dtype, the teacher's top-7 in dtype, that teacher with 5 unused slots
+    per row, labels and CE options), all on the test device. One label names a column that only an
+    unused slot of its row names."""
+    gen = torch.Generator().manual_seed(1)
+    s, t = _randn(gen, 6, 97), _randn(gen, 6, 97)
+    indices, logprobs = top_k(t, 7, temperature=1.3, dtype=dtype)
+    padded = with_unused_slots(indices, logprobs, 5, 97, gen)
+    labels = torch.randint(0, 97, (6,), generator=gen)
+    labels[3] = -100
+    labels[0] = next(c for c in range(97) if c not in indices[0])
+    padded[0][0, padded[1][0].isneginf().nonzero()[-1]] = labels[0]
+    on_device = [x.to(TEST_DEVICE) for x in (s.to(dtype), indices, logprobs, *padded, labels)]
+    return on_device[0], on_device[1:3], on_device[3:5], {"labels": on_device[5], "ce_weight": 0.5}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("temperature", [0.7, 2.0])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("divergence", ALL_DIVERGENCES)
 @pytest.mark.parametrize("backend", SPARSE_BACKENDS)
-def test_renorm_without_teacher_mass_raises(backend):
-    s, t = torch.randn(2, 20), torch.randn(2, 20)
-    indices, logprobs = top_k(t, 4)
-    logprobs[0] = -torch.inf
-    with pytest.raises(ValueError, match="row 0 .* no probability"):
-        kdcore.kd_loss(s, kdcore.SparseTeacher(indices, logprobs), sparse_mode="renorm", backend=backend)
-    # in tail mode the teacher's whole mass is then in the tail: a valid, finite loss
-    assert kdcore.kd_loss(s, kdcore.SparseTeacher(indices, logprobs), backend=backend).isfinite()
+def test_unused_slots_are_dropped(backend, divergence, mode, temperature, dtype):
+    """Slots of log-probability -inf, whatever index they hold (random, a repeat of an entry, out of
+    range) and wherever they sit, change neither the loss nor the student gradient: the backend on
+    the padded teacher is held to the float64 oracle of the teacher without them."""
+    student, (indices, logprobs), padded, options = _unused_slots_problem(dtype)
+    options = {**options, "divergence": divergence, "sparse_mode": mode, "temperature": temperature}
+    student.requires_grad_(True)
+    loss = kdcore.kd_loss(student, kdcore.SparseTeacher(*padded), backend=backend, **options)
+    loss.backward()
+    assert loss.isfinite() and student.grad.isfinite().all()
+    exact, exact_grad = sparse_oracle_with_grads(student, indices, logprobs, **options)
+    own, own_grad = sparse_oracle_with_grads(student, indices, logprobs, compute_dtype=dtype, **options)
+    out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    assert_within_rule("loss", loss, exact, own, out_dtype)
+    assert_within_rule("student gradient", student.grad, exact_grad, own_grad, dtype)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("divergence", ALL_DIVERGENCES)
+def test_oracle_drops_unused_slots(divergence, mode):
+    """The oracle states the rule on its own: the padded teacher of test_unused_slots_are_dropped
+    is the teacher without those slots."""
+    student, (indices, logprobs), padded, options = _unused_slots_problem(torch.float64)
+    options = {**options, "divergence": divergence, "sparse_mode": mode, "temperature": 1.5}
+    exact, exact_grad = sparse_oracle_with_grads(student, indices, logprobs, **options)
+    padded_exact, padded_exact_grad = sparse_oracle_with_grads(student, *padded, **options)
+    torch.testing.assert_close(padded_exact, exact, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(padded_exact_grad, exact_grad, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("divergence", ALL_DIVERGENCES)
+@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
+def test_a_row_without_entries_is_all_tail(backend, divergence):
+    """A row whose every log-probability is -inf has no top-k entries: in tail mode the teacher's
+    whole mass is its tail, as is the student's, so its divergence and divergence gradient are
+    exactly 0 (the fused CE still applies); renorm mode has nothing to renormalize and raises
+    unless the row is ignored."""
+    gen = torch.Generator().manual_seed(2)
+    s, t = _randn(gen, 3, 40).to(TEST_DEVICE), _randn(gen, 3, 40)
+    indices, logprobs = top_k(t, 6)
+    indices[1] = torch.randint(0, 40, (6,), generator=gen)
+    logprobs[1] = -torch.inf
+    teacher = kdcore.SparseTeacher(indices.to(TEST_DEVICE), logprobs.to(TEST_DEVICE))
+    student = s.clone().requires_grad_(True)
+    loss = kdcore.kd_loss(student, teacher, divergence=divergence, reduction="none", backend=backend)
+    loss.sum().backward()
+    assert loss[1] == 0 and (student.grad[1] == 0).all()
+    assert loss[[0, 2]].isfinite().all() and (loss[[0, 2]] > 0).all()
+    labels = torch.tensor([3, 5, 7], device=TEST_DEVICE)
+    student = s.clone().requires_grad_(True)
+    loss = kdcore.kd_loss(student, teacher, divergence=divergence, labels=labels, ce_weight=0.5, reduction="none",
+                          backend=backend)
+    loss.sum().backward()
+    ce = s[1:2].clone().requires_grad_(True)
+    expected = 0.5 * torch.nn.functional.cross_entropy(ce, labels[1:2])
+    expected.backward()
+    torch.testing.assert_close(loss[1], expected.detach())
+    torch.testing.assert_close(student.grad[1], ce.grad[0])
+    with pytest.raises(ValueError, match="row 1 of the sparse teacher has no entries"):
+        kdcore.kd_loss(s, teacher, divergence=divergence, sparse_mode="renorm", backend=backend)
+    ignored = kdcore.kd_loss(s, teacher, divergence=divergence, sparse_mode="renorm", reduction="sum", backend=backend,
+                             mask=torch.tensor([True, False, True], device=TEST_DEVICE))
+    rest = kdcore.kd_loss(s[[0, 2]], kdcore.SparseTeacher(teacher.indices[[0, 2]], teacher.logprobs[[0, 2]]),
+                          divergence=divergence, sparse_mode="renorm", reduction="sum", backend=backend)
+    torch.testing.assert_close(ignored, rest)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
+def test_unused_slots_beside_a_whole_vocabulary(backend, mode):
+    """Whether a row's entries are the whole vocabulary (no tail) is a property of the entries, not
+    of k: V entries plus unused slots (k > V) give the k = V loss, and k = V slots of which some
+    are unused give the loss of the smaller k, tail included."""
+    gen = torch.Generator().manual_seed(3)
+    s, t = _randn(gen, 4, 12).to(TEST_DEVICE), _randn(gen, 4, 12)
+
+    def loss_and_grad(indices, logprobs):
+        student = s.clone().requires_grad_(True)
+        loss = kdcore.kd_loss(student, kdcore.SparseTeacher(indices.to(TEST_DEVICE), logprobs.to(TEST_DEVICE)),
+                              divergence="jsd", sparse_mode=mode, temperature=1.5, backend=backend)
+        loss.backward()
+        return loss, student.grad
+
+    for k in (12, 9):
+        full = top_k(t, k)
+        padded = with_unused_slots(*full, 3, 12, gen, out_of_range=False)
+        for ours, theirs in zip(loss_and_grad(*padded), loss_and_grad(*full)):
+            torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
 
 
 def test_argument_errors_name_the_argument():
@@ -326,6 +451,9 @@ def _sparse_samples():
            False, 0.7, 0.0, -100, 2, 0, True)
     yield (s.detach().to(torch.bfloat16).requires_grad_(True), indices, logprobs.to(torch.bfloat16), None, None,
            *common, 0, True)
+    unused = torch.full((5, 2), -torch.inf)  # unused slots: one repeats an entry, one is out of range
+    yield (s, torch.cat([indices, indices[:, :1], torch.full((5, 1), -1)], 1), torch.cat([logprobs, unused], 1),
+           labels, None, None, 1.0, 0, 0.0, True, 1.0, 0.5, -100, 0, 0, True)
 
 
 @pytest.mark.parametrize("backend", SPARSE_BACKENDS)

@@ -1,25 +1,30 @@
 """The kd_loss_sparse op family: kd_loss against a teacher given only as its top-k entries
 (``kdcore::kd_loss_sparse_<backend>``), with one schema, fake and autograd for every backend.
 
-The teacher of a row is ``k`` vocabulary indices and their log-probabilities (already at the
-teacher's temperature, typically read from a cache). The divergence is taken between two
-distributions over *buckets* (docs/math.md, "Sparse teachers"):
+The teacher of a row is ``k`` slots of vocabulary indices and their log-probabilities (already
+at the teacher's temperature, typically read from a cache). A slot whose log-probability is
+``-inf`` is unused: it is dropped on both sides, whatever index it holds, so the row's *entries*
+are its other slots. The divergence is taken between two distributions over *buckets*
+(docs/math.md, "Sparse teachers"):
 
-- ``tail`` mode: the k entries plus one bucket holding the rest of the vocabulary, on both sides
-  (teacher tail ``1 - Σ p_k``, student tail the exact softmax mass outside the k entries); when
-  k = V there is no rest, and the teacher's rounding residual is renormalized away as in renorm;
-- ``renorm`` mode: the k entries only, both sides renormalized over them.
+- ``tail`` mode: the entries plus one bucket holding the rest of the vocabulary, on both sides
+  (teacher tail ``1 - Σ p_k``, student tail the exact softmax mass outside the entries); a row
+  whose entries are the whole vocabulary has no rest, and the teacher's rounding residual is
+  renormalized away as in renorm; a row without entries is all tail on both sides (divergence 0);
+- ``renorm`` mode: the entries only, both sides renormalized over them.
 
 Every divergence of the family applies to the bucket distributions. The student gradient goes
 through the bucketing: with ``G_b = Q_b (g_b - Σ Q g)`` the bucket-level gradient, an entry k gets
-``G_k`` and an entry j outside them ``q_j / Q_tail · G_tail`` (0 in renorm mode), written as
+``G_k`` and a column j outside them ``q_j / Q_tail · G_tail`` (0 in renorm mode), written as
 ``exp(a_j - lse_tail) · G_tail``: a share of the tail in [0, 1] times a bounded gradient.
 
 Only two steps touch ``[N, V]`` data, and each backend supplies them as row kernels (a
 :class:`RowKernels`): ``row_stats`` reads the student once for its log-sum-exps (over the whole
-row, over the entries outside the k, and at temperature 1 for the fused cross-entropy), and
+row, over the columns outside the entries, and at temperature 1 for the fused cross-entropy), and
 ``fill`` writes every gradient element once from per-row coefficients. The bucket math in
-between is ``[N, k]``-sized and is written here once, in float64, for every backend.
+between is ``[N, k]``-sized and is written here once, in float64, for every backend; so is the
+handling of unused slots: the row kernels only ever see the columns of a row's entries
+(:func:`_tail_exclusions`).
 """
 
 from __future__ import annotations
@@ -63,11 +68,12 @@ _STUDENT_GRAD, _REDUCTION = 15, 13
 PROBABILITY_SUM_SLACK = 1e-2
 
 # Columns of row_stats' [N, 3] float64 output: log-sum-exp of a = z / T over the row, over the
-# entries outside the k (-inf when there are none), and of z itself (temperature 1, for the CE).
+# columns outside the given indices (-inf when there are none), and of z itself (temperature 1, for
+# the CE).
 LSE_ALL, LSE_TAIL, LSE_T1 = range(3)
 # Columns of fill's [N, 4] float64 coefficients: every element gets
 #   kd_coef · exp(a_j - kd_shift) + ce_coef · (exp(z_j - ce_shift) - [j == label]),
-# both exponents <= 0 outside the top-k (whose entries the op overwrites afterwards).
+# both exponents <= 0 outside the entries (which the op overwrites afterwards).
 KD_SHIFT, KD_COEF, CE_SHIFT, CE_COEF = range(4)
 
 
@@ -75,9 +81,11 @@ KD_SHIFT, KD_COEF, CE_SHIFT, CE_COEF = range(4)
 class RowKernels:
     """A backend's two ``[N, V]`` passes of the sparse family.
 
-    ``row_stats(student, sorted_indices, inv_t, with_tail, with_t1) -> [N, 3] float64`` (columns
+    ``row_stats(student, indices, inv_t, with_tail, with_t1) -> [N, 3] float64`` (columns
     ``LSE_ALL, LSE_TAIL, LSE_T1``; a NaN or +inf logit makes its row's entries NaN; the tail and
-    T=1 columns are only meaningful when asked for). ``fill(student, kept, labels, coefficients,
+    T=1 columns are only meaningful when asked for). ``indices`` is contiguous int64 ``[N, k]``,
+    each row in [0, V) and ascending, a column possibly repeated: the tail is every column of the
+    row that is not listed. ``fill(student, kept, labels, coefficients,
     inv_t)`` returns a new gradient like ``student``, every element from the ``[N, 4]`` float64
     coefficients (columns ``KD_SHIFT, KD_COEF, CE_SHIFT, CE_COEF``), zeros on rows not kept.
     Both form ``a = z * inv_t`` in the accumulation type, with ``inv_t`` the accumulation type's
@@ -102,7 +110,10 @@ def sparse_rows_error(row: int, what: str) -> ValueError:
 # What can be wrong with a kept row, as the codes of its int8 status (0: fine). A row reports its
 # smallest code; a call reports its first failing row (kdcore.ops.status.check_status).
 (INDEX_OUT_OF_RANGE, INDEX_REPEATED, LOGPROB_POS_INF, PROBABILITY_OVER_ONE, LABEL_OUT_OF_RANGE,
- STUDENT_ALL_NEG_INF, STUDENT_NO_TOP_K_MASS, TEACHER_NO_TOP_K_MASS) = range(1, 9)
+ STUDENT_ALL_NEG_INF, TEACHER_NO_ENTRIES, STUDENT_NO_TOP_K_MASS) = range(1, 9)
+
+# The sort key of an unused slot: after every index, so each row's entries come first.
+_UNUSED = torch.iinfo(torch.int64).max
 
 
 def _flag(status: torch.Tensor, failed: torch.Tensor, code: int) -> torch.Tensor:
@@ -114,7 +125,8 @@ def _flag(status: torch.Tensor, failed: torch.Tensor, code: int) -> torch.Tensor
 class _RowFacts:
     """What the error messages quote, read only once a row has failed."""
 
-    indices: torch.Tensor  # the teacher's indices as given, sorted per row
+    indices: torch.Tensor  # the teacher's indices as given, sorted per row, entries first
+    entries: torch.Tensor  # which of those slots are entries (on kept rows)
     vocab: int
     mass: torch.Tensor | None  # tail mode: each row's top-k probability sum
     labels: torch.Tensor | None
@@ -125,7 +137,7 @@ def _raise_row(facts: _RowFacts, row: int, code: int):
     v = facts.vocab
     if code == INDEX_OUT_OF_RANGE:
         ids = facts.indices[row]
-        bad = ids[(ids < 0) | (ids >= v)][0]
+        bad = ids[facts.entries[row] & ((ids < 0) | (ids >= v))][0]
         raise sparse_rows_error(row, f"has index {int(bad)}, outside the student's vocabulary [0, {v})")
     if code == INDEX_REPEATED:
         raise sparse_rows_error(row, "lists a vocabulary index twice; each row's top-k indices must be distinct")
@@ -139,41 +151,67 @@ def _raise_row(facts: _RowFacts, row: int, code: int):
     if code == STUDENT_ALL_NEG_INF:
         raise sparse_rows_error(row, "meets a student row that is entirely -inf; every kept row needs a finite logit "
                                 "(mark the row ignored with labels=ignore_index or mask=False)")
-    side = "the student gives" if code == STUDENT_NO_TOP_K_MASS else "the teacher gives"
-    raise sparse_rows_error(row, f"is degenerate: {side} its top-k entries no probability, so "
+    if code == TEACHER_NO_ENTRIES:
+        raise sparse_rows_error(row, "has no entries (every log-probability is -inf), so sparse_mode='renorm' has "
+                                "nothing to renormalize (mark the row ignored with labels=ignore_index or mask=False)")
+    raise sparse_rows_error(row, "is degenerate: the student gives its top-k entries no probability, so "
                             "sparse_mode='renorm' has nothing to renormalize")
 
 
 def _check_teacher(indices, logprobs, kept, vocab: int, sparse_mode: int):
-    """Sorts each row's entries by index and checks them on the device: indices in [0, V) and
-    distinct, no +inf log-probability, and in tail mode probabilities that sum to at most 1.
-    Returns (sorted indices, their log-probs, status [N] int8, tail-mode probability sums)."""
-    sorted_indices, order = indices.sort(dim=1)
+    """Sorts each row's entries (the slots of a kept row whose log-probability is not -inf) by
+    index, ahead of its unused slots, and checks them on the device: indices in [0, V) and
+    distinct, no +inf log-probability, and in tail mode probabilities that sum to at most 1. The
+    index of an unused slot is never read. Returns (sorted indices, their log-probs, which sorted
+    slots are entries, status [N] int8, tail-mode probability sums)."""
+    entries = kept.unsqueeze(1) & (logprobs != -torch.inf)
+    sorted_indices, order = torch.where(entries, indices, _UNUSED).sort(dim=1)
     sorted_logprobs = logprobs.gather(1, order)
-    checked = kept.unsqueeze(1)
+    entries = entries.gather(1, order)
     status = torch.zeros(kept.shape, dtype=torch.int8, device=kept.device)
-    status = _flag(status, (checked & ((sorted_indices < 0) | (sorted_indices >= vocab))).any(1), INDEX_OUT_OF_RANGE)
-    status = _flag(status, (checked & (sorted_indices[:, 1:] == sorted_indices[:, :-1])).any(1),
-                   INDEX_REPEATED)
-    status = _flag(status, (checked & (sorted_logprobs == torch.inf)).any(1), LOGPROB_POS_INF)
+    status = _flag(status, (entries & ((sorted_indices < 0) | (sorted_indices >= vocab))).any(1), INDEX_OUT_OF_RANGE)
+    repeated = entries[:, 1:] & entries[:, :-1] & (sorted_indices[:, 1:] == sorted_indices[:, :-1])
+    status = _flag(status, repeated.any(1), INDEX_REPEATED)
+    status = _flag(status, (entries & (sorted_logprobs == torch.inf)).any(1), LOGPROB_POS_INF)
     mass = None
     if sparse_mode == SPARSE_TAIL:
         mass = torch.where(kept, sorted_logprobs.double().exp().sum(1), 0)
         status = _flag(status, mass > 1 + PROBABILITY_SUM_SLACK, PROBABILITY_OVER_ONE)
-    return sorted_indices, sorted_logprobs, status, mass
+    return sorted_indices, sorted_logprobs, entries, status, mass
 
 
-def _buckets(la_k, lp, lse_all, lse_tail, sparse_mode: int, kept, status):
+def _tail_exclusions(sorted_indices, entries):
+    """The columns the row kernels leave out of a row's tail, ascending as they expect: the row's
+    entries, then its other slots repeating its largest entry (leaving a column out twice changes
+    nothing), so an unused slot's index never reaches a kernel. A row without entries lists column
+    0 throughout; the op then takes its whole row as the tail."""
+    count = entries.sum(1, keepdim=True)
+    largest = sorted_indices.gather(1, (count - 1).clamp_min(0))
+    return torch.where(entries, sorted_indices, torch.where(count > 0, largest, 0)).contiguous()
+
+
+def _buckets(la_k, lp, lse_all, lse_tail, sparse_mode: int, whole_vocab, kept, status):
     """Log-probabilities of both sides over the buckets, [N, k + 1] (tail) or [N, k] (renorm), and
-    ``status`` with the renorm rows that have nothing to renormalize flagged."""
-    if sparse_mode == SPARSE_TAIL:
-        p_tail = (1 - lp.exp().sum(1, keepdim=True)).clamp_min(0)
-        la = torch.cat([la_k, (lse_tail - lse_all).unsqueeze(1)], dim=1)
-        return la, torch.cat([lp, p_tail.log()], dim=1), status
-    student_mass, teacher_mass = la_k.logsumexp(1), lp.logsumexp(1)
-    status = _flag(status, kept & (student_mass == -torch.inf), STUDENT_NO_TOP_K_MASS)
-    status = _flag(status, kept & (teacher_mass == -torch.inf), TEACHER_NO_TOP_K_MASS)
-    return la_k - student_mass.unsqueeze(1), lp - teacher_mass.unsqueeze(1), status
+    ``status`` with the renorm rows that have nothing to renormalize flagged. Unused slots hold
+    -inf on both sides (a bucket of probability 0 that contributes nothing). In tail mode a row
+    whose entries are the whole vocabulary (``whole_vocab``; None when k < V, where no row's are)
+    is renormalized over them, its tail bucket empty on both sides: the student has no mass
+    outside them, and the teacher's ``1 - Σ p`` is only rounding."""
+    if sparse_mode != SPARSE_TAIL:
+        student_mass, teacher_mass = la_k.logsumexp(1), lp.logsumexp(1)
+        status = _flag(status, kept & (teacher_mass == -torch.inf), TEACHER_NO_ENTRIES)
+        status = _flag(status, kept & (student_mass == -torch.inf), STUDENT_NO_TOP_K_MASS)
+        return la_k - student_mass.unsqueeze(1), lp - teacher_mass.unsqueeze(1), status
+    p_tail = (1 - lp.exp().sum(1, keepdim=True)).clamp_min(0)
+    la = torch.cat([la_k, (lse_tail - lse_all).unsqueeze(1)], dim=1)
+    lb = torch.cat([lp, p_tail.log()], dim=1)
+    if whole_vocab is None:
+        return la, lb, status
+    none = torch.full_like(p_tail, -torch.inf)
+    whole_vocab = whole_vocab.unsqueeze(1)
+    la = torch.where(whole_vocab, torch.cat([la_k - la_k.logsumexp(1, keepdim=True), none], dim=1), la)
+    lb = torch.where(whole_vocab, torch.cat([lp - lp.logsumexp(1, keepdim=True), none], dim=1), lb)
+    return la, lb, status
 
 
 def _bucket_gradient(divergence: int, q, p, gq):
@@ -215,14 +253,12 @@ def sparse_kd_loss(kernels: RowKernels, student, indices, logprobs, labels, mask
     if n == 0:
         reduce_rows(loss, torch.zeros(0, dtype=acc, device=student.device), divisor, reduction)
         return loss, student.new_empty((0, v) if student_grad else (0,))
-    # rows not kept are never checked: give them harmless indices before any kernel reads them
-    placeholder = torch.arange(indices.shape[1], device=indices.device) % v
-    indices = torch.where(kept.unsqueeze(1), indices.long(), placeholder)
-    given_indices, logprobs, status, mass = _check_teacher(indices, logprobs, kept, v, sparse_mode)
-    # nor are rows that failed a check read past their index list
-    indices = torch.where((status == 0).unsqueeze(1), given_indices, placeholder).contiguous()
-    if indices.shape[1] == v:  # the top-k is the whole vocabulary: no tail exists, whatever rounding left over
-        sparse_mode = SPARSE_MODES["renorm"]
+    given_indices, logprobs, given_entries, status, mass = _check_teacher(indices.long(), logprobs, kept, v,
+                                                                          sparse_mode)
+    # rows not kept have no entries, and rows that failed a check are not read past their index list
+    entries = given_entries & (status == 0).unsqueeze(1)
+    indices = _tail_exclusions(given_indices, entries)
+    count = entries.sum(1)
     with_ce = ce_weight != 0
     safe_labels = None
     if with_ce:
@@ -232,12 +268,14 @@ def sparse_kd_loss(kernels: RowKernels, student, indices, logprobs, labels, mask
     inv_t = inverse_temperature(temperature, acc)
     stats = kernels.row_stats(student, indices, inv_t, sparse_mode == SPARSE_TAIL, with_ce)
     lse_all, lse_tail, lse_t1 = stats[:, LSE_ALL], stats[:, LSE_TAIL], stats[:, LSE_T1]
+    lse_tail = torch.where(count > 0, lse_tail, lse_all)  # a row without entries is all tail
     status = _flag(status, kept & (lse_all == -torch.inf), STUDENT_ALL_NEG_INF)
     z_k = student.gather(1, indices).to(acc)
-    lp = logprobs.to(f64)
-    la, lb, status = _buckets((z_k * inv_t).to(f64) - lse_all.unsqueeze(1), lp, lse_all, lse_tail, sparse_mode,
-                              kept, status)
-    check_status(status, partial(_raise_row, _RowFacts(given_indices, v, mass, labels)))
+    la_k = torch.where(entries, (z_k * inv_t).to(f64) - lse_all.unsqueeze(1), -torch.inf)
+    lp = torch.where(entries, logprobs.to(f64), -torch.inf)
+    whole_vocab = count == v if indices.shape[1] >= v else None
+    la, lb, status = _buckets(la_k, lp, lse_all, lse_tail, sparse_mode, whole_vocab, kept, status)
+    check_status(status, partial(_raise_row, _RowFacts(given_indices, given_entries, v, mass, labels)))
     # a NaN or +inf logit makes its row NaN; so does a failed check when it could not be raised
     bad = lse_all.isnan() | (lse_all == torch.inf) | (status != 0)
     q, p = la.exp(), lb.exp()
@@ -267,6 +305,11 @@ def sparse_kd_loss(kernels: RowKernels, student, indices, logprobs, labels, mask
         coefficients = torch.where(bad.unsqueeze(1), torch.nan, coefficients)
         grad = kernels.fill(student, kept, safe_labels, coefficients, inv_t)
         member = torch.where(kept.unsqueeze(1), torch.where(bad.unsqueeze(1), torch.nan, member), 0)
+        # the other slots write again what their column holds: the row's largest entry's value, or
+        # (a row without entries) the fill's, so no two writes to one element differ
+        held = torch.where((count > 0).unsqueeze(1), member.gather(1, (count - 1).clamp_min(0).unsqueeze(1)),
+                           grad.gather(1, indices[:, :1]).to(f64))
+        member = torch.where(entries, member, held)
         # a flat index_put_ (scatter_ into a reduced-precision CPU tensor upcasts all of it)
         flat = (torch.arange(n, device=indices.device).unsqueeze(1) * v + indices).reshape(-1)
         grad.view(-1).index_put_((flat,), member.to(grad.dtype).reshape(-1))
