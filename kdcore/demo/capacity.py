@@ -138,28 +138,40 @@ def _gain(gain: dict[str, Any]) -> str:
 
 
 def _plot(results: dict[str, Any], path: Path) -> None:
-    """Accuracy against parameters (log axis), mean ± std over seeds, one line per method, the
-    teacher's accuracy as a horizontal line at its parameter count's end."""
+    """Left: accuracy against parameters (log axis), mean ± std over seeds, one line per method,
+    the teacher's accuracy as a horizontal line. Right: each method's gain over scratch, paired by
+    seed (mean ± std), against the same axis, with zero marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7.5, 4.8), dpi=120)
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8), dpi=120)
     parameters = [point["parameters"] for point in results["points"]]
-    for method, color in zip(METHODS, ("tab:gray", "tab:blue", "tab:orange")):
+    colors = dict(zip(METHODS, ("tab:gray", "tab:blue", "tab:orange")))
+    for method in METHODS:
         values = [[100 * a for a in point[method]] for point in results["points"]]
-        means = [statistics.fmean(v) for v in values]
-        spreads = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
-        axis.errorbar(parameters, means, yerr=spreads, marker="o", capsize=3, label=method, color=color)
+        left.errorbar(parameters, [statistics.fmean(v) for v in values], yerr=[_spread(v) for v in values],
+                      marker="o", capsize=3, label=method, color=colors[method])
+        if method != "scratch":
+            gains = [[100 * (a - b) for a, b in zip(point[method], point["scratch"])] for point in results["points"]]
+            right.errorbar(parameters, [statistics.fmean(g) for g in gains], yerr=[_spread(g) for g in gains],
+                           marker="o", capsize=3, label=method, color=colors[method])
     teacher = 100 * statistics.fmean(results["teacher"]["accuracy"])
-    axis.axhline(teacher, color="black", linestyle="--", linewidth=1,
+    left.axhline(teacher, color="black", linestyle="--", linewidth=1,
                  label=f"teacher ({results['teacher']['parameters']:,} params)")
-    axis.set_xscale("log")
-    axis.set_xlabel("student parameters (log scale)")
-    axis.set_ylabel("held-out accuracy (%), mean ± std over seeds")
-    axis.set_title("UCI digits: distillation's gain against the student's capacity")
-    axis.legend(fontsize=8, loc="lower right")
+    right.axhline(0, color="tab:gray", linewidth=1)
+    for axis, label in ((left, "held-out accuracy (%), mean ± std over seeds"),
+                        (right, "gain over scratch (points), paired seeds, mean ± std")):
+        axis.set_xscale("log")
+        axis.set_xlabel("student parameters (log scale)")
+        axis.set_ylabel(label)
+        axis.legend(fontsize=8, loc="lower right")
+    figure.suptitle("UCI digits: distillation's gain against the student's capacity")
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
+
+
+def _spread(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0

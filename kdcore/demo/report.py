@@ -34,9 +34,12 @@ def verdicts(rows: list[Row]) -> dict[str, dict[str, Any]]:
     return {row.name: verdict(row, by_name[row.baseline]) for row in rows if row.baseline is not None}
 
 
-def _mean_of_known(values: list[float | None]) -> float | None:
-    known = [v for v in values if v is not None]
-    return statistics.fmean(known) if known else None
+def pooled_rate(row: Row, key: str) -> float | None:
+    """An inherited-error rate (``key``) over every seed's teacher errors together: each seed's
+    teacher errs on a handful of held-out examples, too few for a rate per seed to mean much."""
+    pairs = [(figures[key], figures["teacher_errors"]) for figures in row.transfer if figures[key] is not None]
+    errors = sum(count for _, count in pairs)
+    return sum(rate * count for rate, count in pairs) / errors if errors else None
 
 
 def _percent(value: float | None) -> str:
@@ -54,8 +57,8 @@ def table(rows: list[Row]) -> str:
             row.name, f"{100 * accuracy:.1f} ± {100 * spread:.1f}",
             f"{100 * statistics.fmean(row.teacher_agreement):.1f}", f"{statistics.fmean(row.kl_to_teacher):.3f}",
             f"{statistics.fmean(row.ece):.3f}",
-            _percent(_mean_of_known(row.inherited_error_rate)) if judged else "—",
-            _percent(_mean_of_known(row.baseline_inherited_error_rate)) if judged else "—",
+            _percent(pooled_rate(row, "inherited_error_rate")) if judged else "—",
+            _percent(pooled_rate(row, "baseline_inherited_error_rate")) if judged else "—",
             f"{row.parameters:,}", f"{row.size_kb:.1f}", f"{row.latency_us:.0f}",
         ]) + " |")
     return "\n".join(lines)
@@ -70,8 +73,8 @@ def write(rows: list[Row], settings: Settings, seconds: float) -> str:
         f"UCI digits, held-out split; teachers trained on the whole training split, students (scratch included) on "
         f"{settings.train_fraction:.0%} of it, {settings.epochs} epochs; mean ± std over seeds {seeds}; agreement, KL "
         "and inherited errors against each seed's teacher (inherited errors: of the held-out examples the teacher "
-        "gets wrong, the share where the model predicts the teacher's wrong class; scratch's: the same for the "
-        "scratch student of that seed); latency: one example, one CPU thread.",
+        "gets wrong, all seeds together, the share where the model predicts the teacher's wrong class; scratch's: "
+        "the same for the scratch student of each seed); latency: one example, one CPU thread.",
         "", table(rows), "",
         *(f"{name}: {judged[name]['text']}" for name in judged),
         "", f"{seconds:.0f} s in all; results in {root / MARKER} and {root / 'demo.png'}",
@@ -117,8 +120,8 @@ def _plot(rows: list[Row], judged: dict[str, dict[str, Any]], path: Path) -> Non
     left.set_xlim(low, 101)
     left.set_xlabel("held-out accuracy (%), mean ± std over seeds")
     left.set_title("green: beat its scratch baseline (paired seeds); red: did not", fontsize=9)
-    rates = [_mean_of_known(row.inherited_error_rate) for row in rows]
-    baselines = [_mean_of_known(row.baseline_inherited_error_rate) for row in rows]
+    rates = [pooled_rate(row, "inherited_error_rate") for row in rows]
+    baselines = [pooled_rate(row, "baseline_inherited_error_rate") for row in rows]
     for y, rate, base, name in zip(positions, rates, baselines, names):
         if rate is None or (name not in judged and not name.startswith("scratch")):
             continue
