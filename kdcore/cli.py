@@ -28,6 +28,7 @@ import pluggy
 
 from kdcore import plugins
 
+MAX_DEMO_SEEDS = 100  # a count beyond it is a typo: each seed trains every method
 BENCHMARKS = ("kd_loss", "kd_loss_sparse", "fused_linear_kd")  # modules of the source tree's benchmarks/ package
 
 
@@ -123,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "capacity.png")
     demo.add_argument("--epochs", type=int, default=40, help="epochs per student run; teachers train half as many "
                                                              "(default 40)")
-    demo.add_argument("--student-width", type=int, default=32, help="hidden units of the student MLP (default 32)")
+    demo.add_argument("--student-width", type=int, help="hidden units of the student MLP, and the CNN student's "
+                                                         "width scale (default 32; the capacity sweep sets its own)")
     demo.add_argument("--train-fraction", type=float, default=0.25,
                       help="the share of the training split students see; teachers see all of it (default 0.25)")
     demo.add_argument("--output-dir", help="where runs and results go (default runs/demo, or runs/demo-capacity "
@@ -230,39 +232,56 @@ def demo_command(args: argparse.Namespace) -> int:
 
     if importlib.util.find_spec("matplotlib") is None:  # checked now, not after minutes of training
         raise _UsageError("the demo draws its plot with matplotlib: pip install matplotlib (or kdcore[demo])")
-    for name in ("epochs", "student_width"):
-        if getattr(args, name) < 1:
-            raise _UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.sweep and (args.methods is not None or args.student_width is not None):
+        raise _UsageError("--sweep capacity trains its own students (scratch, response_kd and takd at seven widths): "
+                          "--methods and --student-width belong to the method comparison; give one or the other")
+    width = 32 if args.student_width is None else args.student_width
+    for name, value in (("epochs", args.epochs), ("student-width", width)):
+        if value < 1:
+            raise _UsageError(f"--{name} must be at least 1, got {value}")
     if not 0 < args.train_fraction <= 1:
         raise _UsageError(f"--train-fraction must lie in (0, 1], got {args.train_fraction}")
-    methods = None if args.methods is None else tuple(name.strip() for name in args.methods.split(","))
-    if methods is not None and args.sweep:
-        raise _UsageError("--methods chooses the rows of the method comparison; --sweep capacity runs its own "
-                          "three (scratch, response_kd, takd): give one or the other")
-    settings = demo.Settings(seeds=_seeds(args.seeds), epochs=args.epochs, student_width=args.student_width,
-                             train_fraction=args.train_fraction, methods=methods,
+    settings = demo.Settings(seeds=_seeds(args.seeds), epochs=args.epochs, student_width=width,
+                             train_fraction=args.train_fraction, methods=_methods(args.methods),
                              output_dir=Path(args.output_dir or ("runs/demo-capacity" if args.sweep else "runs/demo")))
     try:
         demo.chosen_contenders(settings)
     except ValueError as exc:
         raise _UsageError(str(exc)) from None
-    print(demo.sweep(settings) if args.sweep else demo.run(settings))
+    try:
+        print(demo.sweep(settings) if args.sweep else demo.run(settings))
+    except demo.DemoDirectoryError as exc:
+        raise _UsageError(str(exc)) from None
     return 0
 
 
+def _methods(text: str | None) -> tuple[str, ...] | None:
+    """``--methods``: a comma list of names (None: every method)."""
+    if text is None:
+        return None
+    names = tuple(name.strip() for name in text.split(","))
+    if not all(names):
+        raise _UsageError(f"--methods takes a comma list of method names (e.g. response_kd,dkd), got {text!r}")
+    return names
+
+
 def _seeds(text: str) -> tuple[int, ...]:
-    """``--seeds``: a count N (seeds 0 … N-1) or a comma list of distinct seeds."""
+    """``--seeds``: a count N (seeds 0 … N-1) or a comma list of distinct seeds, each in
+    [0, 2**32) (what torch and numpy accept)."""
     parts = [part.strip() for part in text.split(",")]
-    if not all(part.lstrip("-").isdigit() for part in parts):
-        raise _UsageError(f"--seeds takes a count or a comma list of integers (e.g. 3 or 7,8,9), got {text!r}")
+    if not all(part.isdigit() for part in parts):
+        raise _UsageError(f"--seeds takes a count or a comma list of seeds, integers from 0 (e.g. 3 or 7,8,9), "
+                          f"got {text!r}")
     if len(parts) == 1:
         count = int(parts[0])
-        if count < 1:
-            raise _UsageError(f"--seeds must be at least 1, got {count}")
+        if not 1 <= count <= MAX_DEMO_SEEDS:
+            raise _UsageError(f"--seeds must be a count from 1 to {MAX_DEMO_SEEDS}, got {count}")
         return tuple(range(count))
     seeds = tuple(int(part) for part in parts)
     if len(set(seeds)) != len(seeds):
         raise _UsageError(f"--seeds lists a seed twice: {text!r} (paired seeds must be distinct)")
+    if max(seeds) >= 2**32:
+        raise _UsageError(f"--seeds: {max(seeds)} is not below 2**32, the largest seed torch and numpy take")
     return seeds
 
 

@@ -114,19 +114,55 @@ def test_assistants_lie_between_student_and_teacher():
 
 
 def test_demo_never_replaces_what_it_did_not_write(tmp_path, capsys):
-    (tmp_path / "mine").mkdir()
-    assert cli.main(["demo", "--output-dir", str(tmp_path / "mine")]) == 2
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("mine")
+    (mine / "demo.json").write_text('{"my": "config"}')  # a file of that name that no demo wrote
+    assert cli.main(["demo", "--output-dir", str(mine)]) == 2
     assert "exists and was not written by `kdcore demo`" in capsys.readouterr().err
-    assert cli.main(["demo", "--sweep", "capacity", "--output-dir", str(tmp_path / "mine")]) == 2
+    assert cli.main(["demo", "--sweep", "capacity", "--output-dir", str(mine)]) == 2
     assert "exists and was not written by `kdcore demo`" in capsys.readouterr().err
+    assert sorted(p.name for p in mine.iterdir()) == [".demo.lock", "demo.json", "thesis.tex"]
+    assert (mine / "demo.json").read_text() == '{"my": "config"}'
+
+
+def test_a_rerun_replaces_only_its_own_results(tmp_path, capsys):
+    output = tmp_path / "demo"
+    arguments = ["demo", "--seeds", "1", "--epochs", "1", "--methods", "response_kd", "--output-dir", str(output)]
+    assert cli.main(arguments) == 0
+    (output / "notes.txt").write_text("kept")
+    (output / "seed0" / "stale").mkdir()
+    assert cli.main([*arguments[:2], "4,5", *arguments[3:]]) == 0
+    assert (output / "notes.txt").read_text() == "kept" and not (output / "seed0").exists()
+    assert (output / "seed4" / "response_kd" / "student.pt").exists()
+    assert json.loads((output / "demo.json").read_text())["kind"] == "demo"
+    # the other kind of demo results is not replaced either, and the message says whose they are
+    assert cli.main(["demo", "--sweep", "capacity", "--output-dir", str(output)]) == 2
+    assert capsys.readouterr().err.endswith("holds the results of `kdcore demo`, not of `kdcore demo --sweep "
+                                            "capacity`; choose another --output-dir\n")
+
+
+def test_one_demo_at_a_time_in_a_directory(tmp_path, capsys):
+    from kdcore.demo.directory import claim
+
+    with claim(tmp_path / "demo", "demo"):
+        assert cli.main(["demo", "--seeds", "1", "--output-dir", str(tmp_path / "demo")]) == 2
+    assert "another kdcore demo is writing to it" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    assert cli.main(["demo", "--output-dir", str(tmp_path / "file" / "demo")]) == 2
+    assert "cannot create or write it" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("arguments, message", [
-    (["--seeds", "0"], "--seeds must be at least 1, got 0"),
-    (["--seeds", "7,x"], "--seeds takes a count or a comma list of integers (e.g. 3 or 7,8,9), got '7,x'"),
+    (["--seeds", "0"], "--seeds must be a count from 1 to 100, got 0"),
+    (["--seeds", "1000000000"], "--seeds must be a count from 1 to 100, got 1000000000"),
+    (["--seeds", "7,x"], "--seeds takes a count or a comma list of seeds, integers from 0 (e.g. 3 or 7,8,9), got '7,x'"),
     (["--seeds", "7,7"], "--seeds lists a seed twice: '7,7' (paired seeds must be distinct)"),
+    (["--seeds", "99999999999999999999,1"], "--seeds: 99999999999999999999 is not below 2**32"),
     (["--methods", "response_kd,fitnet"], "--methods: the demo has no method named fitnet; it runs response_kd, "),
-    (["--methods", "dkd", "--sweep", "capacity"], "--methods chooses the rows of the method comparison"),
+    (["--methods", "response_kd,"], "--methods takes a comma list of method names (e.g. response_kd,dkd), got "),
+    (["--methods", "dkd", "--sweep", "capacity"], "--methods and --student-width belong to the method comparison"),
+    (["--student-width", "8", "--sweep", "capacity"], "--sweep capacity trains its own students"),
     (["--epochs", "0"], "--epochs must be at least 1, got 0"),
 ])
 def test_bad_demo_arguments_are_one_line_errors(tmp_path, capsys, arguments, message):

@@ -11,16 +11,17 @@ from collections.abc import Callable, Iterator
 import torch
 
 from kdcore.demo import capacity, report
+from kdcore.demo.directory import DemoDirectoryError, claim
 from kdcore.demo.experiment import Experiment, Settings, chosen_contenders
 
-__all__ = ["Settings", "chosen_contenders", "run", "sweep"]
+__all__ = ["DemoDirectoryError", "Settings", "chosen_contenders", "run", "sweep"]
 
 
 def run(settings: Settings, say: Callable[[str], None] = print) -> str:
     """Runs the method comparison and returns its report (also written under
     ``settings.output_dir``)."""
     started = time.perf_counter()
-    with one_thread():
+    with claim(settings.output_dir, "demo"), one_thread():
         rows = Experiment(settings, say).run()
         return report.write(rows, settings, time.perf_counter() - started)
 
@@ -28,7 +29,7 @@ def run(settings: Settings, say: Callable[[str], None] = print) -> str:
 def sweep(settings: Settings, say: Callable[[str], None] = print) -> str:
     """Runs the capacity sweep and returns its summary (capacity.json and capacity.png are written
     under ``settings.output_dir``)."""
-    with one_thread():
+    with claim(settings.output_dir, "capacity"), one_thread():
         return capacity.summary(capacity.run(settings, say))
 
 

@@ -22,11 +22,10 @@ from typing import Any
 
 import torch
 
-from kdcore.demo.experiment import Settings, Trainer, mlp, prepare_directory, with_checkpoint
+from kdcore.demo.experiment import Settings, Trainer, mlp, with_checkpoint
 from kdcore.engine.builders import build_model, build_splits
 from kdcore.engine.config import DataSpec, ModelSpec
 
-MARKER = "capacity.json"
 WIDTHS = (4, 8, 16, 32, 64, 256, 1024)  # hidden units; 1024 is about the teacher's parameter count
 TEACHER_HIDDEN = [256, 256]
 METHODS = ("scratch", "response_kd", "takd")
@@ -47,16 +46,16 @@ def assistant_width(width: int) -> int:
 
 def run(settings: Settings, say: Callable[[str], None] = print, widths: tuple[int, ...] = WIDTHS) -> dict[str, Any]:
     """Trains every point of the sweep (students of each hidden width in ``widths``) and returns the
-    results (also written to capacity.json and capacity.png under ``settings.output_dir``)."""
+    results (also written to capacity.json and capacity.png under ``settings.output_dir``, which
+    the caller has claimed: :func:`kdcore.demo.directory.claim`)."""
     started = time.perf_counter()
     root = settings.output_dir
-    prepare_directory(root, MARKER)
     trainer = Trainer(root, settings.epochs, settings.train_fraction, say)
     teacher_spec = mlp(TEACHER_HIDDEN)
     teachers = {s: trainer.train("teacher", s, {"name": "supervised"}, teacher_spec, [], False, teacher=True)
                 for s in settings.seeds}
     accuracy = Accuracy(trainer)
-    results: dict[str, Any] = {"teacher": {"parameters": mlp_parameters(TEACHER_HIDDEN),
+    results: dict[str, Any] = {"kind": "capacity", "teacher": {"parameters": mlp_parameters(TEACHER_HIDDEN),
                                            "accuracy": [accuracy(teacher_spec, teachers[s]) for s in settings.seeds]},
                                "points": []}
     for width in widths:
@@ -76,7 +75,7 @@ def run(settings: Settings, say: Callable[[str], None] = print, widths: tuple[in
         results["points"].append(point)
     results["seconds"] = time.perf_counter() - started
     results["settings"] = {**dataclasses.asdict(settings), "output_dir": str(root)}
-    (root / MARKER).write_text(json.dumps(results, indent=2) + "\n")
+    (root / "capacity.json").write_text(json.dumps(results, indent=2) + "\n")
     _plot(results, root / "capacity.png")
     return results
 

@@ -22,7 +22,6 @@ seed), with its parameter count, stored size and single-example CPU latency.
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,9 +36,6 @@ from kdcore.engine.builders import build_model, build_splits
 from kdcore.engine.config import DataSpec, ModelSpec
 from kdcore.engine.distiller import Distiller
 from kdcore.transfer import transfer_figures
-
-MARKER = "demo.json"  # a directory holding it was written by the demo and may be replaced by it
-
 
 @dataclass(frozen=True)
 class Settings:
@@ -190,17 +186,6 @@ class Trainer:
         return Path(config["output_dir"]) / "student.pt"
 
 
-def prepare_directory(root: Path, marker: str = MARKER) -> None:
-    """Replaces an earlier result of the demo at ``root``; refuses a directory it did not write."""
-    if root.exists():
-        if not (root / marker).exists():
-            raise FileExistsError(f"{root} exists and was not written by `kdcore demo`; choose another "
-                                  "--output-dir (the demo only replaces its own earlier results)")
-        shutil.rmtree(root)
-    root.mkdir(parents=True)
-    (root / marker).write_text("{}\n")  # claims the directory before anything is written in it
-
-
 class Experiment:
     def __init__(self, settings: Settings, say: Callable[[str], None] = print) -> None:
         self.settings, self.say = settings, say
@@ -213,7 +198,6 @@ class Experiment:
         return [family for name, family in self.families.items() if name in names]
 
     def run(self) -> list[Row]:
-        prepare_directory(self.settings.output_dir)
         seeds = self.settings.seeds
         teachers = {(family.name, s): self.trainer.train(family.teacher_row, s, {"name": "supervised"}, family.teacher,
                                                          [], family.images, teacher=True)

@@ -9,7 +9,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from kdcore.demo.experiment import MARKER, Row, Settings
+from kdcore.demo.experiment import Row, Settings
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -71,15 +71,17 @@ def write(rows: list[Row], settings: Settings, seconds: float) -> str:
     seeds = ", ".join(map(str, settings.seeds))
     text = "\n".join([
         f"UCI digits, held-out split; teachers trained on the whole training split, students (scratch included) on "
-        f"{settings.train_fraction:.0%} of it, {settings.epochs} epochs; mean ± std over seeds {seeds}; agreement, KL "
-        "and inherited errors against each seed's teacher (inherited errors: of the held-out examples the teacher "
-        "gets wrong, all seeds together, the share where the model predicts the teacher's wrong class; scratch's: "
-        "the same for the scratch student of each seed); latency: one example, one CPU thread.",
+        f"{settings.train_fraction:.0%} of it, {settings.epochs} epoch{'s' if settings.epochs > 1 else ''}; mean ± std "
+        f"over seeds {seeds}; agreement, KL and inherited errors against each seed's teacher (inherited errors: of "
+        "the held-out examples the teacher gets wrong, all seeds together, the share where the model predicts the "
+        "teacher's wrong class; scratch's: the same for the scratch student of each seed); latency: one example, one "
+        "CPU thread.",
         "", table(rows), "",
         *(f"{name}: {judged[name]['text']}" for name in judged),
-        "", f"{seconds:.0f} s in all; results in {root / MARKER} and {root / 'demo.png'}",
+        "", f"{seconds:.0f} s in all; results in {root / 'demo.json'} and {root / 'demo.png'}",
     ])
-    (root / MARKER).write_text(json.dumps({
+    (root / "demo.json").write_text(json.dumps({
+        "kind": "demo",
         "settings": {**dataclasses.asdict(settings), "output_dir": str(settings.output_dir)},
         "rows": [dataclasses.asdict(row) for row in rows], "verdicts": judged, "seconds": seconds,
     }, indent=2) + "\n")
