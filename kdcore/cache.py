@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -148,8 +149,8 @@ def write_teacher_cache(teacher: Callable[[Any], torch.Tensor], dataset: Dataset
     for name, value in (("k", k), ("batch_size", batch_size), ("examples_per_shard", examples_per_shard)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise CacheError(f"{name} must be a positive int, got {value!r}")
-    if not temperature > 0:
-        raise CacheError(f"temperature must be > 0, got {temperature}")
+    if not 0 < temperature < math.inf:
+        raise CacheError(f"temperature must be a finite number > 0, got {temperature}")
     total = len(dataset)
     if total == 0:
         raise CacheError("the dataset is empty")
@@ -189,6 +190,9 @@ def write_teacher_cache(teacher: Callable[[Any], torch.Tensor], dataset: Dataset
             if logits.shape[-1] != spec.vocab_size or (logits.dim() == 3) != spec.sequence:
                 raise CacheError(f"the teacher's logits changed shape mid-run: {tuple(logits.shape)} (cached: "
                                  f"vocabulary {spec.vocab_size}, {'with' if spec.sequence else 'without'} positions)")
+            if logits.isnan().any() or (logits == math.inf).any():
+                raise CacheError(f"the teacher's logits for examples {first} to {min(end, first + batch_size) - 1} hold "
+                                 "NaN or +inf; a cache of them would teach nothing: check the teacher's checkpoint")
             top_indices, top_values = _top_k(logits, spec.k, spec.temperature, value_torch)
             for idx, val in zip(top_indices.reshape(logits.shape[0], -1, spec.k),
                                 top_values.reshape(logits.shape[0], -1, spec.k)):

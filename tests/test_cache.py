@@ -98,9 +98,19 @@ def test_bad_requests_raise(lm, tokens, tmp_path):
         _write(lm, tokens, tmp_path / "b", value_dtype="float8")
     with pytest.raises(cache.CacheError, match="holds no teacher cache"):
         cache.TeacherCache(tmp_path)
+    with pytest.raises(cache.CacheError, match="temperature must be a finite number > 0, got inf"):
+        _write(lm, tokens, tmp_path / "c", temperature=float("inf"))
     stored = _write(lm, tokens, tmp_path / "c")
     with pytest.raises(cache.CacheError, match="written for another dataset"):
         cache.CachedTeacherDataset(synthetic_tokens(vocab_size=VOCAB, seq_len=12, train_size=10)["train"], stored)
+
+
+def test_a_teacher_with_nan_outputs_is_not_cached(tokens, tmp_path):
+    broken = TinyLM(vocab_size=VOCAB, dim=16).eval()
+    with torch.no_grad():
+        broken.head.bias[3] = float("nan")
+    with pytest.raises(cache.CacheError, match="logits for examples 0 to 15 hold NaN or \\+inf"):
+        _write(broken, tokens, tmp_path / "nan", batch_size=16)
 
 
 def test_shuffled_batches_get_their_own_teacher(lm, tokens, tmp_path):

@@ -279,6 +279,9 @@ ERRORS = [
      "has index 50, outside"),
     ("out_of_range", lambda i, lp: (i.index_fill(1, torch.tensor([0]), 50), lp), "outside the student's vocabulary"),
     ("logits_not_logprobs", lambda i, lp: (i, lp + 5.0), "not logits"),
+    ("nan", lambda i, lp: (i, lp.index_fill(1, torch.tensor([0]), torch.nan)), "is \\+inf or NaN"),
+    ("pos_inf", lambda i, lp: (i, lp.index_fill(1, torch.tensor([2]), torch.inf)), "is \\+inf or NaN"),
+    ("nan_row", lambda i, lp: (i, torch.full_like(lp, torch.nan)), "is \\+inf or NaN"),
 ]
 
 

@@ -142,7 +142,8 @@ def _raise_row(facts: _RowFacts, row: int, code: int):
     if code == INDEX_REPEATED:
         raise sparse_rows_error(row, "lists a vocabulary index twice; each row's top-k indices must be distinct")
     if code == LOGPROB_POS_INF:
-        raise sparse_rows_error(row, "has a log-probability of +inf")
+        raise sparse_rows_error(row, "has a log-probability that is +inf or NaN (a teacher whose outputs were not "
+                                     "finite)")
     if code == PROBABILITY_OVER_ONE:
         raise sparse_rows_error(row, f"has probabilities summing to {float(facts.mass[row]):.4g} > 1; logprobs must "
                                 "be log-probabilities (log_softmax of the teacher's logits), not logits")
@@ -161,7 +162,7 @@ def _raise_row(facts: _RowFacts, row: int, code: int):
 def _check_teacher(indices, logprobs, kept, vocab: int, sparse_mode: int):
     """Sorts each row's entries (the slots of a kept row whose log-probability is not -inf) by
     index, ahead of its unused slots, and checks them on the device: indices in [0, V) and
-    distinct, no +inf log-probability, and in tail mode probabilities that sum to at most 1. The
+    distinct, no +inf or NaN log-probability, and in tail mode probabilities that sum to at most 1. The
     index of an unused slot is never read. Returns (sorted indices, their log-probs, which sorted
     slots are entries, status [N] int8, tail-mode probability sums)."""
     entries = kept.unsqueeze(1) & (logprobs != -torch.inf)
@@ -172,7 +173,8 @@ def _check_teacher(indices, logprobs, kept, vocab: int, sparse_mode: int):
     status = _flag(status, (entries & ((sorted_indices < 0) | (sorted_indices >= vocab))).any(1), INDEX_OUT_OF_RANGE)
     repeated = entries[:, 1:] & entries[:, :-1] & (sorted_indices[:, 1:] == sorted_indices[:, :-1])
     status = _flag(status, repeated.any(1), INDEX_REPEATED)
-    status = _flag(status, (entries & (sorted_logprobs == torch.inf)).any(1), LOGPROB_POS_INF)
+    not_finite = (sorted_logprobs == torch.inf) | sorted_logprobs.isnan()
+    status = _flag(status, (entries & not_finite).any(1), LOGPROB_POS_INF)
     mass = None
     if sparse_mode == SPARSE_TAIL:
         mass = torch.where(kept, sorted_logprobs.double().exp().sum(1), 0)
