@@ -66,6 +66,12 @@ def dkd_loss(
     options = loss_options(fn, divergence="forward_kl", temperature=temperature, beta=0.5, alpha=0.1,
                            t2_scale=t2_scale, kd_weight=1.0, ce_weight=0.0, ignore_index=ignore_index,
                            reduction=reduction)
+    student_logits = _checks.tensor(fn, "student_logits", student_logits)
+    teacher_logits = _checks.tensor(fn, "teacher_logits", teacher_logits)
+    if student_logits.dim() and teacher_logits.dim() and student_logits.shape[-1] != teacher_logits.shape[-1]:
+        raise ValueError(f"{fn}: student_logits has {student_logits.shape[-1]} classes but teacher_logits has "
+                         f"{teacher_logits.shape[-1]}; the decoupled terms split both at the same label, so they "
+                         "need the same classes")
     student, teacher, leading = logits_as_rows(fn, student_logits, teacher_logits, None)
     n, v = student.shape
     if v < 2:

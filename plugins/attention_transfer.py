@@ -42,6 +42,10 @@ class AttentionTransfer(kdcore.Method):
         options = options_of(self.name, self.config, layers=None, beta=1000.0, ce_weight=1.0, kd_weight=0.0,
                              temperature=4.0, loss=None, divergence="forward_kl")
         self.pairs = layer_pairs(self.name, options["layers"])
+        if float(options["kd_weight"]) == 0 and any(key in self.config for key in ("loss", "divergence", "temperature")):
+            chosen = ", ".join(key for key in ("loss", "divergence", "temperature") if key in self.config)
+            raise ValueError(f"attention_transfer: {chosen} shape(s) the output term, which is off (kd_weight: 0, "
+                             "the default); set kd_weight > 0 to use it, or remove it")
         response_keys = ("temperature", "loss", "divergence", "kd_weight", "ce_weight")  # beta weighs the maps
         self.response = ResponseTerms(self.name, self.config, {key: options[key] for key in response_keys})
         self.default_weights = {**self.response.weights, "attention": float(options["beta"]) / 2}

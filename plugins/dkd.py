@@ -22,6 +22,7 @@ ImageNet). Positions labelled with the run's ``data.ignore_index`` are skipped b
 from __future__ import annotations
 
 import math
+import warnings
 
 import kdcore
 from kdcore.engine.method import options_of
@@ -49,6 +50,13 @@ class DecoupledKD(kdcore.Method):
             raise ValueError(f"dkd: warmup must be a whole number of epochs >= 0, got {warmup!r}")
         self.warmup = warmup
         self.default_weights = {"kd": 1.0, "ce": _number("ce_weight", options["ce_weight"])}
+
+    def plan(self, config):
+        if self.warmup > config.training.epochs:
+            warnings.warn(f"dkd: warmup is {self.warmup} epochs but the run trains {config.training.epochs}: the KD "
+                          f"term never reaches its full weight (at most {config.training.epochs}/{self.warmup} of it); "
+                          "lower warmup (0 turns the ramp off)", stacklevel=2)
+        return super().plan(config)
 
     def ramp(self, epoch: int) -> float:
         """The KD term's warm-up factor in ``epoch`` (counted from 0, as the engine does)."""

@@ -209,7 +209,8 @@ def test_named_loss_is_dkd_loss():
     (lambda s, t, y: kdcore.dkd_loss(s[:, :1], t[:, :1], labels=y * 0), ValueError,
      r"dkd_loss: the logits need at least 2 classes"),
     (lambda s, t, y: kdcore.dkd_loss(s, t[:, :4], labels=y), ValueError,
-     r"dkd_loss: teacher_logits has vocabulary size 4 but student_logits has 10"),
+     r"dkd_loss: student_logits has 10 classes but teacher_logits has 4; the decoupled terms split both at the "
+     r"same label, so they need the same classes$"),
     (lambda s, t, y: kdcore.dkd_loss(s, t, labels=y, alpha=-1.0), ValueError, r"dkd_loss: alpha must be >= 0"),
     (lambda s, t, y: kdcore.dkd_loss(s, t, labels=y, beta="8"), TypeError, r"dkd_loss: beta must be a real number"),
     (lambda s, t, y: kdcore.dkd_loss(s, t, labels=y, temperature=0), ValueError,

@@ -347,3 +347,11 @@ def test_dkd_on_digits(tmp_path, monkeypatch):
 def test_dkd_config_errors(tmp_path, teacher, options, pattern):
     with pytest.raises(ConfigError, match=pattern):
         kdcore.Distiller(classification_config(tmp_path, method={"name": "dkd", **options}, teachers=[teacher]))
+
+
+def test_dkd_warns_when_its_ramp_outlasts_the_run(tmp_path, teacher):
+    config = classification_config(tmp_path, method={"name": "dkd", "warmup": 5}, teachers=[teacher])
+    config["training"] = {**config.get("training", {}), "epochs": 2}
+    with pytest.warns(UserWarning, match=r"dkd: warmup is 5 epochs but the run trains 2: the KD term never reaches "
+                                         r"its full weight \(at most 2/5 of it\)"):
+        kdcore.Distiller(config)

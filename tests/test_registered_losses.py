@@ -151,13 +151,19 @@ def test_bad_choices_are_one_line_config_errors(tmp_path, capsys, cosine_plugin,
 @pytest.mark.parametrize("name, extra", [
     ("response_kd", {}), ("ensemble", {}), ("dml", {}), ("born_again", {}), ("llm_kd", {}), ("seq_kd", {}),
     ("gkd", {}), ("takd", {"assistants": [{"model": "mlp"}]}), ("fitnets", {"hints": [["a", "b"]]}),
-    ("attention_transfer", {"layers": [["a", "b"]]}), ("reasoning_kd", {"answer_marker": "A:"}),
+    ("attention_transfer", {"layers": [["a", "b"]], "kd_weight": 0.5}), ("reasoning_kd", {"answer_marker": "A:"}),
 ])
 def test_every_logit_level_method_takes_a_registered_loss(cosine_plugin, name, extra):
     method = plugins.get_method(name)({"loss": {"name": "cosine", "eps": 1.0e-6}, **extra})
     loss = method.response.loss if hasattr(method, "response") else method.loss
     assert (loss.name, loss.fn, dict(loss.options), loss.divergence) == ("cosine", cosine_plugin.cosine,
                                                                           {"eps": 1.0e-6}, None)
+
+
+def test_a_loss_for_an_output_term_that_is_off_is_an_error():
+    with pytest.raises(ValueError, match=r"attention_transfer: loss shape\(s\) the output term, which is off "
+                                         r"\(kd_weight: 0, the default\); set kd_weight > 0"):
+        plugins.get_method("attention_transfer")({"layers": [["a", "b"]], "loss": "dkd"})
 
 
 def test_an_import_path_names_a_loss_too():
