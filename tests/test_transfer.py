@@ -248,6 +248,10 @@ def test_report_never_replaces_what_it_did_not_write(runs, tmp_path, capsys):
     (tmp_path / "report.png").write_bytes(b"mine")
     code, _, err = report(capsys, str(root / "kd"), "--output", str(tmp_path))
     assert code == 2 and "report.png exists beside no transfer report" in err
+    (tmp_path / "file").write_text("")
+    code, _, err = report(capsys, str(root / "kd"), "--output", str(tmp_path / "file" / "report"))
+    assert code == 2 and err.startswith(f"kdcore report: --output {tmp_path / 'file' / 'report'}: cannot write "
+                                        "there (Not a directory); choose another --output") and err.count("\n") == 1
 
 
 def test_runs_the_report_refuses(runs, tmp_path, capsys):

@@ -18,7 +18,7 @@ from typing import Any
 from kdcore.engine import distributed
 from kdcore.transfer.figures import figures_of
 from kdcore.transfer.plot import plot_report
-from kdcore.transfer.runs import FinishedRun, score
+from kdcore.transfer.runs import FinishedRun, ReportError, score
 
 REPORT_NAME, PLOT_NAME = "report.json", "report.png"
 KIND = "kdcore transfer report"  # what report.json says it is: a report directory holding it is the report's
@@ -92,6 +92,17 @@ def _check_output(output: Path) -> None:
     if (output / PLOT_NAME).exists() and not ours:
         raise FileExistsError(f"{output / PLOT_NAME} exists beside no transfer report; the report replaces only its "
                               "own files: choose another --output")
+    created = not output.exists()
+    try:  # before minutes of scoring, not after; a refused report leaves no directory behind
+        output.mkdir(parents=True, exist_ok=True)
+        probe = output / f".report.{os.getpid()}.probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+        if created:
+            output.rmdir()
+    except OSError as exc:
+        raise ReportError(f"--output {output}: cannot write there ({exc.strerror or exc}); choose another "
+                          "--output") from None
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -74,6 +74,10 @@ class FinishedRun:
     def teacher(self) -> nn.Module:
         """The config's first teacher; a run without one raises :class:`ReportError`."""
         if not self.config.teachers:
+            if self.config.data.teacher_cache:
+                raise ReportError(f"{self.path}: the run learned from a teacher cache and names no teacher model, "
+                                  "which the report scores; list the teacher the cache was written from under "
+                                  "teachers in its config")
             raise ReportError(f"{self.path}: the run (method {self.config.method.name!r}) has no teacher, so there "
                               "is nothing to inherit; report on a distilled run, and pass a run like this one as "
                               "--baseline")
