@@ -76,8 +76,9 @@ class FinishedRun:
         if not self.config.teachers:
             if self.config.data.teacher_cache:
                 raise ReportError(f"{self.path}: the run learned from a teacher cache and names no teacher model, "
-                                  "which the report scores; list the teacher the cache was written from under "
-                                  "teachers in its config")
+                                  "which the report scores; a run whose config also names the teacher the cache "
+                                  "was written from (as examples/configs/shakespeare_cached_kd.yaml does) can be "
+                                  "reported on")
             raise ReportError(f"{self.path}: the run (method {self.config.method.name!r}) has no teacher, so there "
                               "is nothing to inherit; report on a distilled run, and pass a run like this one as "
                               "--baseline")
