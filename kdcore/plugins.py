@@ -51,6 +51,7 @@ BUILTIN_PLUGINS = (
     ("kdcore.backends", "kdcore.ops"),
     ("kdcore.losses", "kdcore_plugins.losses"),
     ("kdcore.zoo", "kdcore_plugins.zoo"),
+    ("kdcore.addition", "kdcore_plugins.addition"),
     ("kdcore.supervised", "kdcore_plugins.supervised"),
     ("kdcore.response_kd", "kdcore_plugins.response_kd"),
     ("kdcore.dkd", "kdcore_plugins.dkd"),

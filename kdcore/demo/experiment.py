@@ -180,10 +180,17 @@ class Trainer:
             "training": {"epochs": max(1, self.epochs // 2) if teacher else self.epochs, "log_every": 1000},
             "seed": seed, "output_dir": str(self.root / f"seed{seed}" / directory), "device": "cpu",
         }
-        started = time.perf_counter()
-        Distiller(config, console=False).fit()
-        self.say(f"  seed {seed}  {directory:<20} trained in {time.perf_counter() - started:5.1f} s")
-        return Path(config["output_dir"]) / "student.pt"
+        return fit(config, self.say)
+
+
+def fit(config: dict[str, Any], say: Callable[[str], None]) -> Path:
+    """Trains the run ``config`` describes (its directory named after the row), says how long it
+    took, and returns the trained student's state-dict file."""
+    started = time.perf_counter()
+    Distiller(config, console=False).fit()
+    directory = Path(config["output_dir"])
+    say(f"  seed {config['seed']}  {directory.name:<20} trained in {time.perf_counter() - started:5.1f} s")
+    return directory / "student.pt"
 
 
 class Experiment:
