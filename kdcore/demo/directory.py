@@ -31,10 +31,11 @@ class DemoDirectoryError(Exception):
 
 
 @contextlib.contextmanager
-def claim(root: Path, kind: str) -> Iterator[Path]:
+def claim(root: Path, kind: str, sections: tuple[str, ...] = ()) -> Iterator[Path]:
     """Holds ``root`` for a demo of ``kind`` (its results file is ``<kind>.json``, its plot
-    ``<kind>.png``): creates or clears it as the module docstring says, writes the results file
-    with ``{"kind": kind}``, and yields the results file's path; released on exit."""
+    ``<kind>.png``, and ``sections`` name the other directories it writes): creates or clears it as
+    the module docstring says, writes the results file with ``{"kind": kind}``, and yields the
+    results file's path; released on exit."""
     try:
         root.mkdir(parents=True, exist_ok=True)
         handle = os.open(root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
@@ -48,7 +49,7 @@ def claim(root: Path, kind: str) -> Iterator[Path]:
             raise DemoDirectoryError(f"--output-dir {root}: another kdcore demo is writing to it; wait for it to "
                                      "finish or choose another directory") from None
         results = root / f"{kind}.json"
-        _clear(root, kind, results)
+        _clear(root, kind, results, sections)
         try:
             results.write_text(json.dumps({"kind": kind}) + "\n")
         except OSError as exc:
@@ -59,7 +60,7 @@ def claim(root: Path, kind: str) -> Iterator[Path]:
         os.close(handle)
 
 
-def _clear(root: Path, kind: str, results: Path) -> None:
+def _clear(root: Path, kind: str, results: Path, sections: tuple[str, ...]) -> None:
     """Removes what an earlier demo of ``kind`` wrote in ``root``; refuses a directory holding
     anything else unless it also holds that demo's results file."""
     entries = [entry for entry in root.iterdir() if entry.name != LOCK_NAME]
@@ -75,7 +76,8 @@ def _clear(root: Path, kind: str, results: Path) -> None:
     for entry in entries:
         if entry == results or entry.name == f"{kind}.png":
             entry.unlink()
-        elif entry.is_dir() and not entry.is_symlink() and _RUN_DIRECTORY.fullmatch(entry.name):
+        elif entry.is_dir() and not entry.is_symlink() and (_RUN_DIRECTORY.fullmatch(entry.name)
+                                                             or entry.name in sections):
             shutil.rmtree(entry)
 
 

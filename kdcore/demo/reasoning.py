@@ -38,7 +38,7 @@ from typing import Any, Protocol
 
 import torch
 
-from kdcore.demo.experiment import Row, fit, prepare_directory, with_checkpoint
+from kdcore.demo.experiment import Row, fit, with_checkpoint
 from kdcore.demo.report import mean_std, verdict
 from kdcore.engine.builders import build_model
 from kdcore.engine.config import ModelSpec
@@ -107,11 +107,12 @@ def accuracy(model: torch.nn.Module, problems: Problems, max_new_tokens: int) ->
 
 def run(settings: RunSettings, say: Callable[[str], None] = print, plan: Plan = Plan()) -> dict[str, Any]:
     """Trains and scores every row over ``settings.seeds`` (see the module docstring) and returns
-    the results; they are also written to ``reasoning.json`` in ``settings.output_dir / "reasoning"``,
-    beside each run's directory."""
+    the results; they are also written to ``reasoning.json`` in ``settings.output_dir / "reasoning"``
+    (a new directory: the caller has claimed ``settings.output_dir``, see
+    :func:`kdcore.demo.directory.claim`), beside each run's directory."""
     started = time.perf_counter()
     root = Path(settings.output_dir) / DIRECTORY
-    prepare_directory(root, MARKER)
+    root.mkdir(parents=True)
     held_out = addition(**plan.data_options(), rationale=False)
     problems = [problem for split in held_out.values() for problem in split.problems]
     positions = max(len(prompt(a, b) + target(a, b, True)) for a, b in problems) + SLACK
