@@ -27,7 +27,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -87,6 +87,14 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def model_id(model: str, options: Mapping[str, Any], checkpoint: str | None) -> str:
+    """What a cache records as its teacher (``CacheSpec.model_id``): the model's registered name,
+    options and checkpoint with the checkpoint's SHA-256, so that resuming a cache with another
+    teacher, or with the same one retrained, is refused."""
+    return json.dumps({"model": model, "options": dict(options), "checkpoint": checkpoint,
+                       "checkpoint_sha256": file_sha256(checkpoint) if checkpoint else None}, sort_keys=True)
 
 
 def _write_atomic(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:

@@ -23,6 +23,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pluggy
 
@@ -109,27 +110,34 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overrides(cache)
     cache.set_defaults(run=cache_teacher_command)
 
-    demo = commands.add_parser("demo", help="compare the distillation methods on real data (a few minutes on a CPU)",
+    demo = commands.add_parser("demo", help="compare the distillation methods on real data (minutes on a CPU)",
                                description="Trains teachers, a scratch student and students distilled by each "
-                                           "method on the UCI digits (shipped with kdcore) over several seeds, "
-                                           "plus the teacher int8-quantized and pruned to the student's size; prints "
-                                           "a table and whether each method beat scratch, and writes demo.json and "
-                                           "demo.png to the output directory.")
-    demo.add_argument("--seeds", default="3", help="a count (seeds 0 to N-1) or a comma list of seeds, e.g. 7,8,9; "
-                                                   "each method and its scratch baseline share every seed (default 3)")
-    demo.add_argument("--methods", help="a comma list of the methods to run (default: all of them)")
+                                           "method over several seeds and prints a table and whether each method "
+                                           "beat scratch. The classification suite (default) runs on the UCI digits "
+                                           "(shipped with kdcore), plus the teacher int8-quantized and pruned to the "
+                                           "student's size, and writes demo.json and demo.png; --suite lm runs the "
+                                           "language-model methods on the shipped Shakespeare and writes lm.json "
+                                           "and lm.png.")
+    demo.add_argument("--suite", choices=("classification", "lm"), default="classification",
+                      help="classification (default): every classification method on the digits; lm: scratch, "
+                           "llm_kd, seq_kd, gkd and cached_kd students of a byte-level GPT-2 teacher on the "
+                           "Shakespeare")
+    demo.add_argument("--seeds", help="a count (seeds 0 to N-1) or a comma list of seeds, e.g. 7,8,9; each method "
+                                      "and its scratch baseline share every seed (default 3; 2 with --suite lm)")
+    demo.add_argument("--methods", help="a comma list of the classification methods to run (default: all of them)")
     demo.add_argument("--sweep", choices=("capacity",),
                       help="capacity: students from far smaller than the default up to the teacher's size, "
                            "each trained from scratch, by response_kd and by takd; writes capacity.json and "
                            "capacity.png")
-    demo.add_argument("--epochs", type=int, default=40, help="epochs per student run; teachers train half as many "
-                                                             "(default 40)")
-    demo.add_argument("--student-width", type=int, help="hidden units of the student MLP, and the CNN student's "
-                                                         "width scale (default 32; the capacity sweep sets its own)")
-    demo.add_argument("--train-fraction", type=float, default=0.25,
-                      help="the share of the training split students see; teachers see all of it (default 0.25)")
-    demo.add_argument("--output-dir", help="where runs and results go (default runs/demo, or runs/demo-capacity "
-                                            "with --sweep capacity)")
+    demo.add_argument("--epochs", type=int, help="epochs per student run (default 40, teachers train half as many; "
+                                                 "with --suite lm 4, the teacher 4)")
+    demo.add_argument("--student-width", type=int, help="hidden units of the classification suite's student MLP, and "
+                                                         "its CNN student's width scale (default 32)")
+    demo.add_argument("--train-fraction", type=float,
+                      help="the share of the training split students see; teachers see all of it (default 0.25; 0.5 "
+                           "with --suite lm)")
+    demo.add_argument("--output-dir", help="where runs and results go (default runs/demo, runs/demo-capacity with "
+                                            "--sweep capacity, runs/demo-lm with --suite lm)")
     demo.set_defaults(run=demo_command)
 
     bench = commands.add_parser("bench", help="run the kernel benchmarks (from a source checkout)",
@@ -206,9 +214,7 @@ def cache_teacher_command(args: argparse.Namespace) -> int:
         raise _UsageError(f"data.dataset {config.data.dataset!r} gives the teachers their own tokenization; a cache "
                           "holds teacher distributions over the student's tokens, so it cannot be written for a "
                           "teacher with another tokenizer (distil with method cross_tokenizer_kd instead)")
-    model_id = json.dumps({"model": spec.model, "options": spec.options, "checkpoint": spec.checkpoint,
-                           "checkpoint_sha256": cache.file_sha256(spec.checkpoint) if spec.checkpoint else None},
-                          sort_keys=True)
+    model_id = cache.model_id(spec.model, spec.options, spec.checkpoint)
     targets = {"train": (train, Path(output)), "val": (val, cache.held_out_path(output))}
 
     def report(done: int, total: int, *, split: str) -> None:
@@ -228,28 +234,47 @@ def cache_teacher_command(args: argparse.Namespace) -> int:
 
 
 def demo_command(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from kdcore import demo
 
     if importlib.util.find_spec("matplotlib") is None:  # checked now, not after minutes of training
         raise _UsageError("the demo draws its plot with matplotlib: pip install matplotlib (or kdcore[demo])")
+    classification_only = {"methods": args.methods, "sweep": args.sweep, "student-width": args.student_width}
+    if args.suite == "lm" and any(value is not None for value in classification_only.values()):
+        name = next(name for name, value in classification_only.items() if value is not None)
+        raise _UsageError(f"--{name} belongs to the classification suite; --suite lm runs its own rows (scratch, "
+                          "llm_kd, seq_kd, gkd, cached_kd, and the addition task's) with its own students")
     if args.sweep and (args.methods is not None or args.student_width is not None):
         raise _UsageError("--sweep capacity trains its own students (scratch, response_kd and takd at seven widths): "
                           "--methods and --student-width belong to the method comparison; give one or the other")
-    width = 32 if args.student_width is None else args.student_width
-    for name, value in (("epochs", args.epochs), ("student-width", width)):
-        if value < 1:
-            raise _UsageError(f"--{name} must be at least 1, got {value}")
-    if not 0 < args.train_fraction <= 1:
-        raise _UsageError(f"--train-fraction must lie in (0, 1], got {args.train_fraction}")
-    settings = demo.Settings(seeds=_seeds(args.seeds), epochs=args.epochs, student_width=width,
-                             train_fraction=args.train_fraction, methods=_methods(args.methods),
-                             output_dir=Path(args.output_dir or ("runs/demo-capacity" if args.sweep else "runs/demo")))
+    given: dict[str, Any] = {}
+    for name, value in (("epochs", args.epochs), ("student_width", args.student_width)):
+        if value is not None and value < 1:
+            raise _UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if value is not None:
+            given[name] = value
+    if args.train_fraction is not None:
+        if not 0 < args.train_fraction <= 1:
+            raise _UsageError(f"--train-fraction must lie in (0, 1], got {args.train_fraction}")
+        given["train_fraction"] = args.train_fraction
+    if args.seeds is not None:
+        given["seeds"] = _seeds(args.seeds)
+    if args.suite == "lm":
+        from kdcore.demo import lm
+
+        settings = dataclasses.replace(lm.Settings(), **given, output_dir=Path(args.output_dir or "runs/demo-lm"))
+        job = functools.partial(lm.run, settings)
+    else:
+        settings = dataclasses.replace(demo.Settings(), **given, methods=_methods(args.methods), output_dir=Path(
+            args.output_dir or ("runs/demo-capacity" if args.sweep else "runs/demo")))
+        try:
+            demo.chosen_contenders(settings)
+        except ValueError as exc:
+            raise _UsageError(str(exc)) from None
+        job = functools.partial(demo.sweep if args.sweep else demo.run, settings)
     try:
-        demo.chosen_contenders(settings)
-    except ValueError as exc:
-        raise _UsageError(str(exc)) from None
-    try:
-        print(demo.sweep(settings) if args.sweep else demo.run(settings))
+        print(job())
     except demo.DemoDirectoryError as exc:
         raise _UsageError(str(exc)) from None
     return 0

@@ -32,6 +32,8 @@ Datasets (each returns seeded, reproducible ``train`` / ``val`` splits):
   ``seq_len``), items ``{"input_ids", "labels"}`` with the labels shifted by one. With
   ``prompt_len`` P, each window's first P bytes are a prompt: the labels of the P - 1 positions
   before the first predicted byte are ``-100`` (generation-based methods continue the prompt).
+  ``train_fraction`` keeps that fraction of the training windows, the same ones for every seed
+  and whatever ``prompt_len`` (a student with less text than its teacher saw).
 * ``aligned_text``: the same text in windows of ``window_chars`` characters, tokenized by the
   student's tokenizer and, when the teacher names another, by the teacher's, the two aligned (see
   :class:`kdcore.cross_tokenizer.dataset.AlignedTexts`): for distilling across tokenizers
@@ -123,7 +125,7 @@ class _Tokens(Dataset):
 
 
 def text(path: str | None = None, seq_len: int = 128, stride: int | None = None, prompt_len: int = 0,
-         val_fraction: float = 0.1, max_bytes: int | None = None) -> dict[str, Dataset]:
+         val_fraction: float = 0.1, train_fraction: float = 1.0, max_bytes: int | None = None) -> dict[str, Dataset]:
     if path is None:
         with resources.files("kdcore_plugins").joinpath("data/shakespeare.txt.gz").open("rb") as handle:
             data = gzip.decompress(handle.read())
@@ -131,23 +133,27 @@ def text(path: str | None = None, seq_len: int = 128, stride: int | None = None,
         data = Path(path).read_bytes()
     data = data[:max_bytes]
     stride = seq_len if stride is None else stride
-    if seq_len < 1 or stride < 1 or not 0 <= prompt_len <= seq_len or not 0 < val_fraction < 1:
-        raise ValueError(f"text: need seq_len >= 1, stride >= 1, 0 <= prompt_len <= seq_len and 0 < val_fraction "
-                         f"< 1; got seq_len={seq_len}, stride={stride}, prompt_len={prompt_len}, "
-                         f"val_fraction={val_fraction}")
+    if seq_len < 1 or stride < 1 or not 0 <= prompt_len <= seq_len or not 0 < val_fraction < 1 \
+            or not 0 < train_fraction <= 1:
+        raise ValueError(f"text: need seq_len >= 1, stride >= 1, 0 <= prompt_len <= seq_len, 0 < val_fraction < 1 "
+                         f"and 0 < train_fraction <= 1; got seq_len={seq_len}, stride={stride}, "
+                         f"prompt_len={prompt_len}, val_fraction={val_fraction}, train_fraction={train_fraction}")
     tokens = torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
     split = round(len(tokens) * (1 - val_fraction))
 
-    def windows(part: torch.Tensor) -> _Tokens:
+    def windows(part: torch.Tensor, fraction: float = 1.0) -> _Tokens:
         if len(part) < seq_len + 1:
             raise ValueError(f"text: a split of {len(part)} bytes is shorter than one window of seq_len + 1 = "
                              f"{seq_len + 1}")
         chunks = part.unfold(0, seq_len + 1, stride)
+        if fraction < 1:  # the same windows whatever the run's seed
+            keep = torch.randperm(len(chunks), generator=torch.Generator().manual_seed(0))
+            chunks = chunks[keep[:max(1, round(fraction * len(chunks)))].sort().values]
         labels = chunks[:, 1:].clone()
         labels[:, :max(prompt_len - 1, 0)] = -100
         return _Tokens(chunks[:, :-1].contiguous(), labels)
 
-    return {"train": windows(tokens[:split]), "val": windows(tokens[split:])}
+    return {"train": windows(tokens[:split], train_fraction), "val": windows(tokens[split:])}
 
 
 def aligned_text(tokenizers: dict, path: str | None = None, window_chars: int = 512, stride_chars: int | None = None,

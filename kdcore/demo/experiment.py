@@ -22,8 +22,9 @@ seed), with its parameter count, stored size and single-example CPU latency.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -284,3 +285,15 @@ def _add(row: Row, model: nn.Module, logits: torch.Tensor, teacher_logits: torch
     if with_model_stats:
         row.parameters, row.size_kb = footprint(model)
         row.latency_us = latency_us(model, example)
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Trains with one intra-op thread: the demo's models are so small that more threads only add
+    synchronization, and on a busy machine they make a run many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -16,16 +16,23 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def verdict(row: Row, baseline: Row) -> dict[str, Any]:
-    """Whether ``row`` beat ``baseline``, seed by seed (seed i of one against seed i of the other):
-    a positive mean gain *and* better on most seeds."""
-    gains = [a - b for a, b in zip(row.accuracy, baseline.accuracy)]
+def paired_verdict(values: list[float], baseline: list[float], baseline_name: str,
+                   unit: str = "points") -> dict[str, Any]:
+    """Whether ``values`` beat ``baseline``, seed by seed (seed i of one against seed i of the
+    other, both fractions): a positive mean gain (in points, ``unit`` in the text) *and* better on
+    most seeds."""
+    gains = [a - b for a, b in zip(values, baseline)]
     wins = sum(gain > 0 for gain in gains)
     mean_gain = 100 * statistics.fmean(gains)
     beat = mean_gain > 0 and 2 * wins > len(gains)
-    text = (f"{'beat' if beat else 'did not beat'} {baseline.name} ({mean_gain:+.1f} points; better on "
+    text = (f"{'beat' if beat else 'did not beat'} {baseline_name} ({mean_gain:+.1f} {unit}; better on "
             f"{wins}/{len(gains)} seeds)")
     return {"beat_scratch": beat, "mean_gain_points": mean_gain, "wins": wins, "seeds": len(gains), "text": text}
+
+
+def verdict(row: Row, baseline: Row) -> dict[str, Any]:
+    """Whether ``row`` beat ``baseline`` in accuracy (:func:`paired_verdict`)."""
+    return paired_verdict(row.accuracy, baseline.accuracy, baseline.name)
 
 
 def verdicts(rows: list[Row]) -> dict[str, dict[str, Any]]:
