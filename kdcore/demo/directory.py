@@ -67,7 +67,7 @@ def _clear(root: Path, kind: str, results: Path, sections: tuple[str, ...]) -> N
     if not entries:
         return
     if _kind_of(results) != kind:
-        other = next((found for found in map(_kind_of, sorted(root.glob("*.json"))) if found), None)
+        other = next((found for found in map(_kind_of, sorted(root.glob("*.json"))) if found in COMMANDS), None)
         if other is not None:
             raise DemoDirectoryError(f"--output-dir {root} holds the results of {COMMANDS.get(other, other)}, not of "
                                      f"{COMMANDS.get(kind, kind)}; choose another --output-dir")
