@@ -108,6 +108,7 @@ def test_the_command_line_sets_the_suite(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # about 9 minutes on an idle machine with one thread; more in a loaded CI
 def test_the_lm_suite_as_the_readme_reports_it(tmp_path):
     """The default suite (about 9 minutes on 2 idle CPU cores): llm_kd, seq_kd and cached_kd beat
     scratch on both seeds, in token accuracy and in perplexity; gkd on neither."""
